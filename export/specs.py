@@ -1,0 +1,72 @@
+"""Each component's I/O contract as data; the wrappers, ONNX export, parity gate and manifest all derive from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from diffuserve.engine.manifest import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ComponentSpec, TensorSpec
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes of a Stable Diffusion 1.x/2.x model that fix its tensors' shapes, read from its configs."""
+
+    text_seq_len: int
+    text_hidden_size: int
+    vocab_size: int
+    latent_channels: int
+    unet_out_channels: int
+    cross_attention_dim: int
+    image_channels: int
+    vae_downsample: int
+    unet_downsample: int
+    num_train_timesteps: int
+
+
+def check_image_size(dims: ModelDims, height: int, width: int) -> None:
+    """The U-Net halves the latents at each level, so the image must divide evenly all the way down."""
+    multiple = dims.vae_downsample * dims.unet_downsample
+    for flag, value in (("--height", height), ("--width", width)):
+        if value <= 0 or value % multiple:
+            raise ValueError(f"{flag} must be a positive multiple of {multiple} for this model, got {value}")
+
+
+def component_specs(dims: ModelDims, height: int, width: int, batch: int) -> dict[str, ComponentSpec]:
+    """Static-shape contracts for one image size and batch; the U-Net runs at 2*batch for classifier-free guidance."""
+    check_image_size(dims, height, width)
+    latent_h, latent_w = height // dims.vae_downsample, width // dims.vae_downsample
+    unet_batch = 2 * batch
+    image = (dims.image_channels, height, width)
+    latent = (dims.latent_channels, latent_h, latent_w)
+    f32 = "float32"
+    return {
+        TEXT_ENCODER: ComponentSpec(
+            TEXT_ENCODER,
+            inputs=(TensorSpec("input_ids", (batch, dims.text_seq_len), "int32"),),
+            outputs=(TensorSpec("last_hidden_state", (batch, dims.text_seq_len, dims.text_hidden_size), f32),),
+        ),
+        UNET: ComponentSpec(
+            UNET,
+            inputs=(
+                TensorSpec("sample", (unet_batch, *latent), f32),
+                # One timestep per row, float: Euler-family timesteps are fractional.
+                TensorSpec("timestep", (unet_batch,), f32),
+                TensorSpec("encoder_hidden_states", (unet_batch, dims.text_seq_len, dims.cross_attention_dim), f32),
+            ),
+            outputs=(TensorSpec("model_output", (unet_batch, dims.unet_out_channels, latent_h, latent_w), f32),),
+        ),
+        VAE_DECODER: ComponentSpec(
+            VAE_DECODER,
+            inputs=(TensorSpec("latent_sample", (batch, *latent), f32),),
+            outputs=(TensorSpec("sample", (batch, *image), f32),),
+        ),
+        VAE_ENCODER: ComponentSpec(
+            VAE_ENCODER,
+            inputs=(TensorSpec("sample", (batch, *image), f32),),
+            # The distribution's parameters, not a sample: the caller draws the noise from its own generator.
+            outputs=(
+                TensorSpec("latent_mean", (batch, *latent), f32),
+                TensorSpec("latent_logvar", (batch, *latent), f32),
+            ),
+        ),
+    }

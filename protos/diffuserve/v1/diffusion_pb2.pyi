@@ -1,0 +1,181 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Scheduler(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SCHEDULER_UNSPECIFIED: _ClassVar[Scheduler]
+    SCHEDULER_EULER: _ClassVar[Scheduler]
+    SCHEDULER_DDIM: _ClassVar[Scheduler]
+
+class ImageFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    IMAGE_FORMAT_UNSPECIFIED: _ClassVar[ImageFormat]
+    IMAGE_FORMAT_PNG: _ClassVar[ImageFormat]
+    IMAGE_FORMAT_JPEG: _ClassVar[ImageFormat]
+    IMAGE_FORMAT_WEBP: _ClassVar[ImageFormat]
+SCHEDULER_UNSPECIFIED: Scheduler
+SCHEDULER_EULER: Scheduler
+SCHEDULER_DDIM: Scheduler
+IMAGE_FORMAT_UNSPECIFIED: ImageFormat
+IMAGE_FORMAT_PNG: ImageFormat
+IMAGE_FORMAT_JPEG: ImageFormat
+IMAGE_FORMAT_WEBP: ImageFormat
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("model", "request_id", "prompt", "negative_prompt", "width", "height", "num_images", "steps", "guidance_scale", "scheduler", "seeds", "output_format", "quality", "embed_metadata")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    NUM_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    EMBED_METADATA_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    request_id: str
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    num_images: int
+    steps: int
+    guidance_scale: float
+    scheduler: Scheduler
+    seeds: _containers.RepeatedScalarFieldContainer[int]
+    output_format: ImageFormat
+    quality: int
+    embed_metadata: bool
+    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[_Union[Scheduler, str]] = ..., seeds: _Optional[_Iterable[int]] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., quality: _Optional[int] = ..., embed_metadata: _Optional[bool] = ...) -> None: ...
+
+class Image(_message.Message):
+    __slots__ = ("data", "mime_type", "seed", "width", "height")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    mime_type: str
+    seed: int
+    width: int
+    height: int
+    def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+
+class Timings(_message.Message):
+    __slots__ = ("queue_ms", "text_encoder_ms", "denoise_ms", "unet_ms", "vae_decode_ms", "image_encode_ms", "total_ms", "batch_size")
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_ENCODER_MS_FIELD_NUMBER: _ClassVar[int]
+    DENOISE_MS_FIELD_NUMBER: _ClassVar[int]
+    UNET_MS_FIELD_NUMBER: _ClassVar[int]
+    VAE_DECODE_MS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    queue_ms: float
+    text_encoder_ms: float
+    denoise_ms: float
+    unet_ms: float
+    vae_decode_ms: float
+    image_encode_ms: float
+    total_ms: float
+    batch_size: int
+    def __init__(self, queue_ms: _Optional[float] = ..., text_encoder_ms: _Optional[float] = ..., denoise_ms: _Optional[float] = ..., unet_ms: _Optional[float] = ..., vae_decode_ms: _Optional[float] = ..., image_encode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("request_id", "model", "images", "timings", "steps", "guidance_scale", "scheduler")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    model: str
+    images: _containers.RepeatedCompositeFieldContainer[Image]
+    timings: Timings
+    steps: int
+    guidance_scale: float
+    scheduler: Scheduler
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[_Union[Scheduler, str]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "family", "prediction_type", "width", "height", "batch_size", "schedulers", "default_scheduler", "default_steps", "default_guidance_scale", "max_steps", "max_images", "backend", "precision")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_TYPE_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULERS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    family: str
+    prediction_type: str
+    width: int
+    height: int
+    batch_size: int
+    schedulers: _containers.RepeatedScalarFieldContainer[Scheduler]
+    default_scheduler: Scheduler
+    default_steps: int
+    default_guidance_scale: float
+    max_steps: int
+    max_images: int
+    backend: str
+    precision: str
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., prediction_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., batch_size: _Optional[int] = ..., schedulers: _Optional[_Iterable[_Union[Scheduler, str]]] = ..., default_scheduler: _Optional[_Union[Scheduler, str]] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., max_steps: _Optional[int] = ..., max_images: _Optional[int] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class GetServerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetServerInfoResponse(_message.Message):
+    __slots__ = ("version", "backend", "providers", "default_model", "models", "runtime_versions")
+    class RuntimeVersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    backend: str
+    providers: _containers.RepeatedScalarFieldContainer[str]
+    default_model: str
+    models: _containers.RepeatedScalarFieldContainer[str]
+    runtime_versions: _containers.ScalarMap[str, str]
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., default_model: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., runtime_versions: _Optional[_Mapping[str, str]] = ...) -> None: ...

@@ -1,0 +1,175 @@
+"""The `diffuserve` command: export, serve, generate, bench, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .models import ModelDefaults
+from .schedulers import SAMPLERS
+
+log = logging.getLogger("diffuserve")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from diffuserve.export.exporter import ExportError, ExportOptions, export_model
+    from diffuserve.export.parity import ParityError
+
+    options = ExportOptions(
+        height=args.height, width=args.width, batch=args.batch, parity_tolerance=args.parity_tolerance, name=args.name
+    )
+    try:
+        export_model(args.source, args.output, options, report=lambda line: print(line, file=sys.stderr, flush=True))
+    except (ExportError, ParityError, ValueError) as e:
+        print(f"export failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .app import ServerConfig, serve
+
+    defaults = ModelDefaults(steps=args.default_steps, max_steps=args.max_steps, max_images=args.max_images)
+    config = ServerConfig(
+        model_dirs=tuple(args.models),
+        host=args.host,
+        port=args.port,
+        backend=args.backend,
+        threads=args.threads,
+        defaults=defaults,
+        grace_s=args.grace,
+    )
+    serve(config)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from .client import ClientRequest, request_generate, write_images
+
+    request = ClientRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative,
+        model=args.model,
+        seeds=tuple(args.seed),
+        num_images=args.num_images,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        scheduler=args.scheduler,
+        width=args.width,
+        height=args.height,
+        output_format=args.format,
+        quality=args.quality,
+        embed_metadata=not args.no_metadata,
+    )
+    try:
+        response = request_generate(args.server, request.to_proto(), timeout_s=args.timeout)
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    for path, image in zip(write_images(response, Path(args.output)), response.images, strict=True):
+        print(f"{path}  seed={image.seed}")
+    t = response.timings
+    print(
+        f"request {response.request_id}: total {t.total_ms:.0f} ms (queue {t.queue_ms:.0f},"
+        f" text {t.text_encoder_ms:.0f}, denoise {t.denoise_ms:.0f}, vae {t.vae_decode_ms:.0f},"
+        f" encode {t.image_encode_ms:.0f})"
+    )
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchOptions, run_bench
+
+    options = BenchOptions(
+        model_dir=args.model, reference=args.reference, steps=args.steps, runs=args.runs, scheduler=args.scheduler
+    )
+    run_bench(options, json_path=args.json)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DEMO_PROMPT, run_demo
+
+    for path in run_demo(Path(args.workdir), Path(args.output), args.prompt or DEMO_PROMPT, args.seed):
+        print(f"wrote {path.resolve()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffuserve", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="diffusers folder -> ONNX + manifest")
+    p.add_argument("source", help="a local diffusers model folder (model_index.json, unet/, vae/, ...)")
+    p.add_argument("-o", "--output", required=True, help="the folder to write")
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1, help="images per engine call (the U-Net runs at twice this)")
+    p.add_argument("--name", help="model name to serve it under (default: the source folder's name)")
+    p.add_argument("--parity-tolerance", type=float, default=1e-3, help="allowed |torch - onnx| / output magnitude")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="serve exported models over gRPC")
+    p.add_argument("models", nargs="+", help="folders made by 'diffuserve export'")
+    p.add_argument("--host", default="[::]")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=int, help="intra-op threads per engine (default: the cores available)")
+    p.add_argument("--default-steps", type=int, default=ModelDefaults.steps)
+    p.add_argument("--max-steps", type=int, default=ModelDefaults.max_steps)
+    p.add_argument("--max-images", type=int, default=ModelDefaults.max_images)
+    p.add_argument("--grace", type=float, default=30.0, help="seconds to finish accepted requests on shutdown")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("generate", help="ask a server for an image")
+    p.add_argument("prompt")
+    p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT")
+    p.add_argument("-o", "--output", default="out.png")
+    p.add_argument("--model", default="")
+    p.add_argument("--negative", default="")
+    p.add_argument("--seed", type=int, action="append", default=[], help="repeat for several images")
+    p.add_argument("--num-images", type=int, default=0)
+    p.add_argument("--steps", type=int, default=0)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--scheduler", choices=sorted(SAMPLERS), default="")
+    p.add_argument("--width", type=int, default=0)
+    p.add_argument("--height", type=int, default=0)
+    p.add_argument("--format", choices=("png", "jpeg", "webp"), default="")
+    p.add_argument("--quality", type=int, default=0)
+    p.add_argument("--no-metadata", action="store_true", help="do not embed prompt and settings in the file")
+    p.add_argument("--timeout", type=float, help="deadline in seconds")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="per-stage latency, optionally against diffusers on the source model")
+    p.add_argument("model", help="an exported model folder")
+    p.add_argument("--reference", help="the diffusers folder it was exported from, to time diffusers' pipeline")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--scheduler", choices=sorted(SAMPLERS), default="euler")
+    p.add_argument("--json", help="also write the results here")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="build the default model, serve it and draw one prompt")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("-o", "--output", default="demo.png")
+    p.add_argument("--workdir", default="build/demo", help="where the default model is built and exported")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

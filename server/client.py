@@ -1,0 +1,79 @@
+"""The `diffuserve generate` client: one request over gRPC, images written to files."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from diffuserve.v1 import diffusion_pb2 as pb
+from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
+
+from .app import CHANNEL_OPTIONS
+from .params import FORMAT_PREFIX, SCHEDULER_PREFIX
+
+FILE_SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
+
+
+@dataclass(frozen=True)
+class ClientRequest:
+    prompt: str
+    negative_prompt: str = ""
+    model: str = ""
+    seeds: tuple[int, ...] = ()
+    num_images: int = 0
+    steps: int = 0
+    guidance_scale: float | None = None
+    scheduler: str = ""
+    width: int = 0
+    height: int = 0
+    output_format: str = ""
+    quality: int = 0
+    embed_metadata: bool = True
+
+    def to_proto(self) -> pb.GenerateRequest:
+        request = pb.GenerateRequest(
+            model=self.model,
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            seeds=self.seeds,
+            num_images=self.num_images,
+            steps=self.steps,
+            width=self.width,
+            height=self.height,
+            quality=self.quality,
+            embed_metadata=self.embed_metadata,
+        )
+        if self.guidance_scale is not None:
+            request.guidance_scale = self.guidance_scale
+        if self.scheduler:
+            request.scheduler = pb.Scheduler.Value(SCHEDULER_PREFIX + self.scheduler.upper())
+        if self.output_format:
+            request.output_format = pb.ImageFormat.Value(FORMAT_PREFIX + self.output_format.upper())
+        return request
+
+
+def request_generate(address: str, request: pb.GenerateRequest, timeout_s: float | None = None) -> pb.GenerateResponse:
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        return pb_grpc.DiffusionServiceStub(channel).Generate(request, timeout=timeout_s)
+
+
+def output_paths(output: Path, count: int, mime_type: str) -> list[Path]:
+    """out.png for one image; out-0.png, out-1.png ... for several. The suffix follows the format served."""
+    suffix = FILE_SUFFIXES.get(mime_type, output.suffix)
+    base = output.with_suffix(suffix)
+    if count == 1:
+        return [base]
+    return [base.with_name(f"{base.stem}-{i}{suffix}") for i in range(count)]
+
+
+def write_images(response: pb.GenerateResponse, output: Path) -> Sequence[Path]:
+    if not response.images:
+        return []
+    paths = output_paths(output, len(response.images), response.images[0].mime_type)
+    for image, path in zip(response.images, paths, strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(image.data)
+    return paths

@@ -1,0 +1,75 @@
+"""A served model: its manifest, engines, tokenizer, scheduler config and request defaults, loaded once."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffuserve.engine.base import Engine
+from diffuserve.engine.loader import load_engines
+from diffuserve.engine.manifest import TEXT_ENCODER, UNET, VAE_DECODER, Manifest
+
+from .schedulers import SAMPLERS, SchedulerConfig, default_sampler_name
+from .tokenizer import ClipTokenizer
+
+log = logging.getLogger(__name__)
+
+# Components text-to-image needs (the VAE encoder serves img2img, loaded when that arrives).
+TEXT_TO_IMAGE = (TEXT_ENCODER, UNET, VAE_DECODER)
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What a request gets for fields it leaves unset, and the bounds it must stay within."""
+
+    steps: int = 20
+    guidance_scale: float = 7.5
+    # Bounds requests so one caller cannot hold the engines for minutes.
+    max_steps: int = 150
+    max_images: int = 8
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    folder: Path
+    manifest: Manifest
+    engines: dict[str, Engine]
+    tokenizer: ClipTokenizer
+    scheduler_config: SchedulerConfig
+    defaults: ModelDefaults
+
+    @property
+    def default_scheduler(self) -> str:
+        return default_sampler_name(self.scheduler_config)
+
+    @property
+    def schedulers(self) -> tuple[str, ...]:
+        return tuple(SAMPLERS)
+
+    @property
+    def backend(self) -> str:
+        return self.engines[UNET].backend
+
+    @property
+    def providers(self) -> list[str]:
+        return list(getattr(self.engines[UNET], "providers", [self.backend]))
+
+
+def load_model(
+    folder: str | os.PathLike, backend: str = "auto", threads: int | None = None, defaults: ModelDefaults | None = None
+) -> ServedModel:
+    folder = Path(folder)
+    manifest, engines = load_engines(folder, TEXT_TO_IMAGE, backend, threads)
+    scheduler_config = SchedulerConfig.from_file(folder / "scheduler" / "scheduler_config.json")
+    return ServedModel(
+        name=manifest.name,
+        folder=folder,
+        manifest=manifest,
+        engines=engines,
+        tokenizer=ClipTokenizer.from_folder(folder / "tokenizer"),
+        scheduler_config=scheduler_config,
+        defaults=defaults or ModelDefaults(),
+    )

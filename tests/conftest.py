@@ -1,0 +1,52 @@
+"""Shared fixtures: one tiny random SD model, built and exported once per session, served on a loopback port."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from diffuserve.export.exporter import ExportOptions, export_model
+from diffuserve.export.tiny import build_tiny_model
+from diffuserve.server.app import BackgroundServer, ServerConfig
+from diffuserve.server.models import ServedModel, load_model
+from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
+
+TINY_SIZE = 128
+TINY_NAME = "tiny-sd"
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / TINY_NAME)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("exported") / TINY_NAME
+    export_model(tiny_source, out, ExportOptions(height=TINY_SIZE, width=TINY_SIZE, batch=1, name=TINY_NAME))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_export: Path) -> ServedModel:
+    return load_model(tiny_export, backend="cpu")
+
+
+@pytest.fixture(scope="session")
+def server(tiny_model: ServedModel):
+    config = ServerConfig(model_dirs=(str(tiny_model.folder),), host="127.0.0.1", port=0, backend="cpu")
+    with BackgroundServer(config, {tiny_model.name: tiny_model}) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def channel(server: BackgroundServer):
+    with grpc.insecure_channel(server.address) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def stub(channel: grpc.Channel) -> pb_grpc.DiffusionServiceStub:
+    return pb_grpc.DiffusionServiceStub(channel)
