@@ -3,15 +3,10 @@
 A sampler turns a (config, steps) pair into an immutable Plan once, then steps any number of concurrent requests
 through it: nothing is stored between steps, so one Plan and one Sampler serve every request at once.
 
-Both samplers write the model's prediction as an affine combination of the current sample x and the model output F:
-the denoised sample (x0 prediction) D = c_skip * x + c_out * F and the noise prediction
-eps = eps_skip * x + eps_out * F (the preconditioning view of Karras et al. 2022, "Elucidating the Design Space of
-Diffusion-Based Generative Models").
-The plan holds those coefficients per step, so the hot loop only multiplies arrays by scalars.
-
-Euler works in the variance-exploding parametrisation (x = x0 + sigma * eps, sigma = sqrt((1 - a) / a) for the
-cumulative alpha product a) and DDIM in the variance-preserving one (x = sqrt(a) * x0 + sqrt(1 - a) * eps), as
-diffusers does; the two differ by the input scale sqrt(a) the U-Net input gets multiplied with.
+Euler works in the variance-exploding parametrisation, x = x0 + sigma * eps with sigma = sqrt((1 - a) / a) for the
+cumulative alpha product a (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models"),
+and DDIM in the variance-preserving one, x = sqrt(a) * x0 + sqrt(1 - a) * eps, as diffusers does; the two differ by the
+scale sqrt(a) that Euler's U-Net input gets multiplied with.
 """
 
 from __future__ import annotations
@@ -155,6 +150,8 @@ class Plan:
 
     # Name of the sampler that made the plan; its step refuses anyone else's.
     sampler: str
+    # What the model predicts: "epsilon", "v_prediction" or "sample" (x0).
+    prediction_type: str
     # float32 [steps]: the U-Net's timestep input at each step.
     timesteps: Array
     # float32 [steps]: multiply the latents by this before the U-Net (diffusers' scale_model_input).
@@ -168,13 +165,6 @@ class Plan:
     # float32 [steps]: the one each step moves to. For DDIM with trailing or linspace spacing this is not the next
     # step's alpha_prod: diffusers moves to t - num_train_timesteps // steps whatever the spacing, and so do we.
     alpha_prod_prev: Array
-    # float32 [steps]: the denoised sample (x0 prediction) is c_skip * sample + c_out * model_output.
-    c_skip: Array
-    c_out: Array
-    # float32 [steps]: the noise prediction is eps_skip * sample + eps_out * model_output, in the sampler's own
-    # parametrisation (Euler: eps = (x - x0) / sigma; DDIM: x = sqrt(a) * x0 + sqrt(1 - a) * eps).
-    eps_skip: Array
-    eps_out: Array
     # Clip the x0 prediction to +-this (DDIM's clip_sample); None: no clipping.
     clip_sample_range: float | None
 
@@ -184,10 +174,13 @@ class Plan:
 
 
 class Sampler(Protocol):
+    """A stateless sampler: plan once per (config, steps), then step every request through the shared plan."""
+
     name: str
 
     def plan(self, config: SchedulerConfig, steps: int) -> Plan: ...
 
+    # The sample after step index, a new float32 array; sample and model_output are left as they are.
     def step(self, plan: Plan, index: int, sample: np.ndarray, model_output: np.ndarray) -> np.ndarray: ...
 
 
@@ -198,11 +191,28 @@ def betas(config: SchedulerConfig) -> Array:
     """beta_t for t = 0 .. num_train_timesteps - 1, the DDPM forward-process variances."""
     n = config.num_train_timesteps
     if config.beta_schedule == "linear":
-        return np.linspace(config.beta_start, config.beta_end, n).astype(np.float32)
+        return linspace_float32(config.beta_start, config.beta_end, n)
     if config.beta_schedule == "scaled_linear":
         # Latent diffusion's schedule: linear in sqrt(beta), squared in float32 as diffusers does.
-        return np.linspace(math.sqrt(config.beta_start), math.sqrt(config.beta_end), n).astype(np.float32) ** 2
+        return linspace_float32(math.sqrt(config.beta_start), math.sqrt(config.beta_end), n) ** 2
     return cosine_betas(n)
+
+
+def linspace_float32(start: float, end: float, n: int) -> Array:
+    """n evenly spaced float32 values from start to end, rounded exactly as torch.linspace(dtype=float32) does."""
+    # A correctly rounded linspace differs from torch's in the last bit of about a third of the betas, and where the
+    # cumulative product a is near 1, one bit of a is a large part of the 1 - a that sigma and the noise prediction
+    # divide by. torch steps from each end by a float32 step: start + step * i for the first half, end - step *
+    # (n - 1 - i) for the rest, each a fused multiply-add (one rounding); in float64 the product of a float32 step and
+    # an integer below 2**29 is exact, so only the final cast rounds.
+    if n == 1:
+        return np.array([start], dtype=np.float32)
+    start32, end32 = np.float32(start), np.float32(end)
+    step = np.float64((end32 - start32) / np.float32(n - 1))
+    i = np.arange(n, dtype=np.float64)
+    from_start = np.float64(start32) + step * i
+    from_end = np.float64(end32) - step * (n - 1 - i)
+    return np.where(i < n // 2, from_start, from_end).astype(np.float32)
 
 
 def cosine_betas(n: int) -> Array:
@@ -239,7 +249,7 @@ def spaced_timesteps(spacing: str, num_train_timesteps: int, steps: int, steps_o
 def _check_steps(config: SchedulerConfig, steps: int) -> None:
     is_integer = isinstance(steps, numbers.Integral) and not isinstance(steps, bool)
     if not is_integer or not 1 <= steps <= config.num_train_timesteps:
-        raise ValueError(f"steps={steps!r} is out of range; allowed: 1 .. {config.num_train_timesteps}")
+        raise ValueError(f"steps={steps!r} is not supported; allowed: an integer in 1 .. {config.num_train_timesteps}")
 
 
 def _frozen(array: npt.ArrayLike) -> Array:
@@ -248,28 +258,37 @@ def _frozen(array: npt.ArrayLike) -> Array:
     return out
 
 
-# --- The per-step arithmetic: pure functions of arrays and plan scalars. ---
+# --- The per-step arithmetic: pure functions of arrays and plan scalars, in diffusers' order of float32 operations.
+# The order matters: with x and the model output far apart, x - sqrt(1 - a) * F cancels, and the same result rounded
+# another way (e.g. x / sqrt(a) - F * sqrt(1 - a) / sqrt(a)) differs from diffusers' by 1e-4 where sqrt(a) is small.
 
 
-def _affine(a: np.float32, x: np.ndarray, b: np.float32, y: np.ndarray) -> Array:
-    """a * x + b * y in float32 with one temporary at most."""
-    out = np.multiply(y, b, dtype=np.float32)
-    # The epsilon and sample parametrisations have a of exactly 1 or 0: skip the product that would not change out.
-    if a == 1:
-        out += x
-    elif a != 0:
-        out += np.multiply(x, a, dtype=np.float32)
+def _axpy(x: np.ndarray, a: np.float32, y: np.ndarray) -> Array:
+    """x + a * y in float32, the result the only new array."""
+    out = np.multiply(y, a, dtype=np.float32)
+    out += x
     return out
 
 
-def denoised(x: np.ndarray, model_output: np.ndarray, c_skip: np.float32, c_out: np.float32) -> Array:
-    """The x0 prediction D = c_skip * x + c_out * F (Karras et al. 2022, eq. 7)."""
-    return _affine(c_skip, x, c_out, model_output)
+def _ax_plus_by(a: np.float32, x: np.ndarray, b: np.float32, y: np.ndarray) -> Array:
+    """a * x + b * y in float32 with one temporary."""
+    out = np.multiply(y, b, dtype=np.float32)
+    out += np.multiply(x, a, dtype=np.float32)
+    return out
 
 
-def predicted_noise(x: np.ndarray, model_output: np.ndarray, eps_skip: np.float32, eps_out: np.float32) -> Array:
-    """The noise prediction eps = eps_skip * x + eps_out * F (DDIM, Song et al. 2021, eq. 12's epsilon_theta)."""
-    return _affine(eps_skip, x, eps_out, model_output)
+def denoised(x: np.ndarray, model_output: np.ndarray, sigma: np.float32, prediction_type: str) -> Array:
+    """D(x; sigma), the x0 prediction of an eps-, v- or x0-predicting model, VE form (Karras et al. 2022, table 1)."""
+    if prediction_type == "epsilon":
+        return _axpy(x, -sigma, model_output)
+    if prediction_type == "v_prediction":
+        # c_skip = 1 / (sigma^2 + 1), c_out = -sigma / sqrt(sigma^2 + 1) (Salimans & Ho 2022, v-parametrisation).
+        variance = sigma * sigma + np.float32(1)
+        out = np.multiply(model_output, -sigma / np.sqrt(variance), dtype=np.float32)
+        out += np.divide(x, variance, dtype=np.float32)
+        return out
+    # An x0-predicting model: D is model_output itself, which nothing downstream modifies.
+    return np.asarray(model_output, dtype=np.float32)
 
 
 def to_d(x: np.ndarray, sigma: np.float32, denoised: np.ndarray) -> Array:
@@ -281,14 +300,30 @@ def to_d(x: np.ndarray, sigma: np.float32, denoised: np.ndarray) -> Array:
 
 def euler_step(x: np.ndarray, d: np.ndarray, sigma: np.float32, sigma_next: np.float32) -> Array:
     """x + d * (sigma_next - sigma): one Euler step (Karras et al. 2022, Algorithm 2, gamma = 0, first order)."""
-    out = np.multiply(d, sigma_next - sigma, dtype=np.float32)
-    out += x
-    return out
+    return _axpy(x, sigma_next - sigma, d)
+
+
+def ddim_predictions(
+    x: np.ndarray, model_output: np.ndarray, alpha_prod: np.float32, prediction_type: str
+) -> tuple[Array, Array]:
+    """The predicted x0 and eps of x = sqrt(a) * x0 + sqrt(1 - a) * eps (DDIM, Song et al. 2021, eq. 12)."""
+    # x0 is always a new array, for the caller to clip in place; eps may be model_output itself.
+    signal, noise = np.sqrt(alpha_prod), np.sqrt(np.float32(1) - alpha_prod)
+    if prediction_type == "epsilon":
+        x0 = _axpy(x, -noise, model_output)
+        x0 /= signal
+        return x0, np.asarray(model_output, dtype=np.float32)
+    if prediction_type == "v_prediction":
+        # v = sqrt(a) * eps - sqrt(1 - a) * x0 (Salimans & Ho 2022, "Progressive Distillation", sec. 4).
+        return _ax_plus_by(signal, x, -noise, model_output), _ax_plus_by(signal, model_output, noise, x)
+    eps = _axpy(x, -signal, model_output)
+    eps /= noise
+    return np.array(model_output, dtype=np.float32), eps
 
 
 def ddim_step(x0: np.ndarray, eps: np.ndarray, alpha_prod_prev: np.float32) -> Array:
     """x_prev = sqrt(a_prev) * x0 + sqrt(1 - a_prev) * eps: DDIM with eta = 0 (Song et al. 2021, eq. 12)."""
-    return _affine(np.sqrt(alpha_prod_prev), x0, np.sqrt(np.float32(1) - alpha_prod_prev), eps)
+    return _ax_plus_by(np.sqrt(alpha_prod_prev), x0, np.sqrt(np.float32(1) - alpha_prod_prev), eps)
 
 
 def _check_step(name: str, plan: Plan, index: int, sample: np.ndarray, model_output: np.ndarray) -> None:
@@ -319,37 +354,27 @@ class EulerSampler:
         # past the last (leading spacing with steps_offset) clamps to the last sigma there too.
         sigmas = np.interp(timesteps.astype(np.float64), np.arange(n), train_sigmas)
         sigmas = np.append(sigmas, 0.0).astype(np.float32)
-        sigma = sigmas[:-1].astype(np.float64)
-        if config.prediction_type == "epsilon":
-            c_skip, c_out = np.ones_like(sigma), -sigma
-        elif config.prediction_type == "v_prediction":
-            # Salimans & Ho 2022, "Progressive Distillation", v = sqrt(a) eps - sqrt(1 - a) x0, in sigma terms.
-            c_skip, c_out = 1 / (sigma**2 + 1), -sigma / np.sqrt(sigma**2 + 1)
-        else:
-            c_skip, c_out = np.zeros_like(sigma), np.ones_like(sigma)
         max_sigma = sigmas.max()
-        # diffusers' leading spacing starts from sigma_max noise in the VP sense, i.e. x / sqrt(a) of unit variance.
+        # diffusers starts leading spacing from a unit-variance VP sample divided by sqrt(a), of standard deviation
+        # sqrt(sigma_max^2 + 1), and the other spacings from k-diffusion's sigma_max.
         init_noise_sigma = max_sigma if spacing in ("linspace", "trailing") else np.sqrt(max_sigma * max_sigma + 1)
-        alpha_prod = 1 / (sigmas.astype(np.float64) ** 2 + 1)
+        variance = sigmas * sigmas + np.float32(1)
         return Plan(
             sampler=self.name,
+            prediction_type=config.prediction_type,
             timesteps=_frozen(timesteps),
-            input_scales=_frozen(np.sqrt(alpha_prod[:-1])),
+            input_scales=_frozen(np.float32(1) / np.sqrt(variance[:-1])),
             init_noise_sigma=float(init_noise_sigma),
             sigmas=_frozen(sigmas),
-            alpha_prod=_frozen(alpha_prod[:-1]),
-            alpha_prod_prev=_frozen(alpha_prod[1:]),
-            c_skip=_frozen(c_skip),
-            c_out=_frozen(c_out),
-            eps_skip=_frozen((1 - c_skip) / sigma),
-            eps_out=_frozen(-c_out / sigma),
+            alpha_prod=_frozen(np.float32(1) / variance[:-1]),
+            alpha_prod_prev=_frozen(np.float32(1) / variance[1:]),
             clip_sample_range=None,
         )
 
     def step(self, plan: Plan, index: int, sample: np.ndarray, model_output: np.ndarray) -> np.ndarray:
         _check_step(self.name, plan, index, sample, model_output)
         sigma, sigma_next = plan.sigmas[index], plan.sigmas[index + 1]
-        x0 = denoised(sample, model_output, plan.c_skip[index], plan.c_out[index])
+        x0 = denoised(sample, model_output, sigma, plan.prediction_type)
         return euler_step(sample, to_d(sample, sigma, x0), sigma, sigma_next)
 
 
@@ -375,39 +400,23 @@ class DDIMSampler:
         alpha_prod = train_alpha_prod[timesteps]
         # Past timestep 0 the last step lands on the final alpha product (1, or a_0 without set_alpha_to_one).
         alpha_prod_prev = np.where(prev_timesteps >= 0, train_alpha_prod[prev_timesteps.clip(0)], final_alpha_prod)
-        # sqrt(a) and sqrt(1 - a) rounded to float32 first, as diffusers' float32 tensors are.
-        signal = np.sqrt(alpha_prod).astype(np.float64)
-        noise = np.sqrt(np.float32(1) - alpha_prod).astype(np.float64)
-        ones, zeros = np.ones_like(signal), np.zeros_like(signal)
-        if config.prediction_type == "epsilon":
-            c_skip, c_out, eps_skip, eps_out = 1 / signal, -noise / signal, zeros, ones
-        elif config.prediction_type == "v_prediction":
-            # Salimans & Ho 2022, "Progressive Distillation", sec. 4: x0 = sqrt(a) x - sqrt(1 - a) v.
-            c_skip, c_out, eps_skip, eps_out = signal, -noise, noise, signal
-        else:
-            c_skip, c_out, eps_skip, eps_out = zeros, ones, 1 / noise, -signal / noise
         clip_sample = True if config.clip_sample is None else config.clip_sample
-        sigmas = sigma_from_alpha_prod(np.append(alpha_prod, alpha_prod_prev[-1]))
         return Plan(
             sampler=self.name,
+            prediction_type=config.prediction_type,
             timesteps=_frozen(timesteps),
-            input_scales=_frozen(ones),
+            input_scales=_frozen(np.ones(steps)),
             init_noise_sigma=1.0,
-            sigmas=_frozen(sigmas),
+            sigmas=_frozen(sigma_from_alpha_prod(np.append(alpha_prod, alpha_prod_prev[-1]))),
             alpha_prod=_frozen(alpha_prod),
             alpha_prod_prev=_frozen(alpha_prod_prev),
-            c_skip=_frozen(c_skip),
-            c_out=_frozen(c_out),
-            eps_skip=_frozen(eps_skip),
-            eps_out=_frozen(eps_out),
             clip_sample_range=float(config.clip_sample_range) if clip_sample else None,
         )
 
     def step(self, plan: Plan, index: int, sample: np.ndarray, model_output: np.ndarray) -> np.ndarray:
         _check_step(self.name, plan, index, sample, model_output)
-        x0 = denoised(sample, model_output, plan.c_skip[index], plan.c_out[index])
-        # The noise prediction comes from the unclipped model output, as in diffusers (use_clipped_model_output off).
-        eps = predicted_noise(sample, model_output, plan.eps_skip[index], plan.eps_out[index])
+        # eps comes from the unclipped prediction, as in diffusers (use_clipped_model_output off).
+        x0, eps = ddim_predictions(sample, model_output, plan.alpha_prod[index], plan.prediction_type)
         if plan.clip_sample_range is not None:
             np.clip(x0, -plan.clip_sample_range, plan.clip_sample_range, out=x0)
         return ddim_step(x0, eps, plan.alpha_prod_prev[index])
