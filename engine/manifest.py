@@ -22,6 +22,17 @@ VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"
 COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
 
+# Tensor names: the same in the specs, the ONNX graphs, the engines' feeds and the pipeline (diffusers' names).
+INPUT_IDS = "input_ids"
+LAST_HIDDEN_STATE = "last_hidden_state"
+SAMPLE = "sample"
+TIMESTEP = "timestep"
+ENCODER_HIDDEN_STATES = "encoder_hidden_states"
+MODEL_OUTPUT = "model_output"
+LATENT_SAMPLE = "latent_sample"
+LATENT_MEAN = "latent_mean"
+LATENT_LOGVAR = "latent_logvar"
+
 DTYPES = ("float32", "float16", "int32", "int64")
 
 
@@ -96,6 +107,8 @@ class Manifest:
     components: Mapping[str, ComponentRecord]
     source: Mapping[str, str] = field(default_factory=dict)
     versions: Mapping[str, str] = field(default_factory=dict)
+    # Request defaults the model was made for, e.g. {"steps": 20, "guidance_scale": 3.0}; the server's otherwise.
+    defaults: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -120,7 +133,7 @@ class Manifest:
             name: ComponentRecord(ComponentSpec.from_dict(name, c), c["onnx_file"], c.get("parity", {}))
             for name, c in d["components"].items()
         }
-        fields = {k: d[k] for k in cls.__dataclass_fields__ if k != "components"}
+        fields = {k: d[k] for k in cls.__dataclass_fields__ if k != "components" and k in d}
         return cls(components=components, **fields)
 
     def save(self, folder: str | os.PathLike) -> Path:

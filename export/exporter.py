@@ -45,6 +45,13 @@ class ExportOptions:
     batch: int = 1
     parity_tolerance: float = DEFAULT_TOLERANCE
     name: str | None = None
+    default_steps: int | None = None
+    default_guidance_scale: float | None = None
+
+    @property
+    def request_defaults(self) -> dict[str, float]:
+        given = {"steps": self.default_steps, "guidance_scale": self.default_guidance_scale}
+        return {key: value for key, value in given.items() if value is not None}
 
 
 def read_model_index(src: Path) -> dict:
@@ -210,8 +217,9 @@ def export_model(
         batch_size=options.batch,
         precision="fp32",
         components=records,
-        source={"path": str(src.resolve()), "sha256": source_hash(src)},
+        source={"path": str(src), "sha256": source_hash(src)},
         versions=versions(),
+        defaults=options.request_defaults,
     )
     manifest.save(out)
     report(f"wrote {out / MANIFEST_NAME}")

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from diffuserve.engine.base import Engine
-from diffuserve.engine.manifest import ComponentSpec, TensorSpec
+from diffuserve.engine.manifest import TIMESTEP, ComponentSpec, TensorSpec
 
 # fp32 graphs agree with PyTorch to about 1e-6 on tiny models; full-size U-Nets accumulate more rounding across
 # hundreds of kernels, so the gate allows 1e-3 of the output's magnitude before calling the export broken.
@@ -47,7 +47,7 @@ def random_feeds(
     def draw(t: TensorSpec) -> np.ndarray:
         if t.dtype.startswith("int"):
             return rng.integers(0, vocab_size, size=t.shape).astype(t.np_dtype)
-        if t.name == "timestep":
+        if t.name == TIMESTEP:
             return rng.uniform(0, num_train_timesteps - 1, size=t.shape).astype(t.np_dtype)
         return rng.standard_normal(t.shape).astype(t.np_dtype)
 

@@ -18,7 +18,7 @@ def load_reference_pipeline(src: str | Path, scheduler: str):
     import diffusers
 
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-        src, use_safetensors=True, safety_checker=None, requires_safety_checker=False
+        src, use_safetensors=True, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
     )
     scheduler_class = getattr(diffusers, DIFFUSERS_SCHEDULERS[scheduler])
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)

@@ -4,7 +4,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from diffuserve.engine.manifest import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, ComponentSpec, TensorSpec
+from diffuserve.engine.manifest import (
+    ENCODER_HIDDEN_STATES,
+    INPUT_IDS,
+    LAST_HIDDEN_STATE,
+    LATENT_LOGVAR,
+    LATENT_MEAN,
+    LATENT_SAMPLE,
+    MODEL_OUTPUT,
+    SAMPLE,
+    TEXT_ENCODER,
+    TIMESTEP,
+    UNET,
+    VAE_DECODER,
+    VAE_ENCODER,
+    ComponentSpec,
+    TensorSpec,
+)
 
 
 @dataclass(frozen=True)
@@ -42,31 +58,31 @@ def component_specs(dims: ModelDims, height: int, width: int, batch: int) -> dic
     return {
         TEXT_ENCODER: ComponentSpec(
             TEXT_ENCODER,
-            inputs=(TensorSpec("input_ids", (batch, dims.text_seq_len), "int32"),),
-            outputs=(TensorSpec("last_hidden_state", (batch, dims.text_seq_len, dims.text_hidden_size), f32),),
+            inputs=(TensorSpec(INPUT_IDS, (batch, dims.text_seq_len), "int32"),),
+            outputs=(TensorSpec(LAST_HIDDEN_STATE, (batch, dims.text_seq_len, dims.text_hidden_size), f32),),
         ),
         UNET: ComponentSpec(
             UNET,
             inputs=(
-                TensorSpec("sample", (unet_batch, *latent), f32),
+                TensorSpec(SAMPLE, (unet_batch, *latent), f32),
                 # One timestep per row, float: Euler-family timesteps are fractional.
-                TensorSpec("timestep", (unet_batch,), f32),
-                TensorSpec("encoder_hidden_states", (unet_batch, dims.text_seq_len, dims.cross_attention_dim), f32),
+                TensorSpec(TIMESTEP, (unet_batch,), f32),
+                TensorSpec(ENCODER_HIDDEN_STATES, (unet_batch, dims.text_seq_len, dims.cross_attention_dim), f32),
             ),
-            outputs=(TensorSpec("model_output", (unet_batch, dims.unet_out_channels, latent_h, latent_w), f32),),
+            outputs=(TensorSpec(MODEL_OUTPUT, (unet_batch, dims.unet_out_channels, latent_h, latent_w), f32),),
         ),
         VAE_DECODER: ComponentSpec(
             VAE_DECODER,
-            inputs=(TensorSpec("latent_sample", (batch, *latent), f32),),
-            outputs=(TensorSpec("sample", (batch, *image), f32),),
+            inputs=(TensorSpec(LATENT_SAMPLE, (batch, *latent), f32),),
+            outputs=(TensorSpec(SAMPLE, (batch, *image), f32),),
         ),
         VAE_ENCODER: ComponentSpec(
             VAE_ENCODER,
-            inputs=(TensorSpec("sample", (batch, *image), f32),),
+            inputs=(TensorSpec(SAMPLE, (batch, *image), f32),),
             # The distribution's parameters, not a sample: the caller draws the noise from its own generator.
             outputs=(
-                TensorSpec("latent_mean", (batch, *latent), f32),
-                TensorSpec("latent_logvar", (batch, *latent), f32),
+                TensorSpec(LATENT_MEAN, (batch, *latent), f32),
+                TensorSpec(LATENT_LOGVAR, (batch, *latent), f32),
             ),
         ),
     }

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -39,6 +40,8 @@ class ServerConfig:
     backend: str = "auto"
     threads: int | None = None
     defaults: ModelDefaults = field(default_factory=ModelDefaults)
+    # Operator's request defaults (steps, guidance_scale) that win over each model's own.
+    overrides: Mapping[str, Any] = field(default_factory=dict)
     # Seconds accepted requests get to finish after a stop signal.
     grace_s: float = 30.0
 
@@ -46,7 +49,7 @@ class ServerConfig:
 def load_models(config: ServerConfig) -> dict[str, ServedModel]:
     models: dict[str, ServedModel] = {}
     for folder in config.model_dirs:
-        model = load_model(folder, config.backend, config.threads, config.defaults)
+        model = load_model(folder, config.backend, config.threads, config.defaults, config.overrides)
         if model.name in models:
             raise ValueError(f"two model folders are both named {model.name!r}: {models[model.name].folder}, {folder}")
         models[model.name] = model

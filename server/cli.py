@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
-from .models import ModelDefaults
+from .demo import DEMO_PROMPT
+from .models import BUNDLED_MODEL, ModelDefaults
 from .schedulers import SAMPLERS
 
 log = logging.getLogger("diffuserve")
@@ -18,7 +20,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from diffuserve.export.parity import ParityError
 
     options = ExportOptions(
-        height=args.height, width=args.width, batch=args.batch, parity_tolerance=args.parity_tolerance, name=args.name
+        height=args.height,
+        width=args.width,
+        batch=args.batch,
+        parity_tolerance=args.parity_tolerance,
+        name=args.name,
+        default_steps=args.default_steps,
+        default_guidance_scale=args.default_guidance,
     )
     try:
         export_model(args.source, args.output, options, report=lambda line: print(line, file=sys.stderr, flush=True))
@@ -31,9 +39,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .app import ServerConfig, serve
 
-    defaults = ModelDefaults(steps=args.default_steps, max_steps=args.max_steps, max_images=args.max_images)
+    defaults = ModelDefaults(max_steps=args.max_steps, max_images=args.max_images)
+    given = {"steps": args.default_steps, "guidance_scale": args.default_guidance}
     config = ServerConfig(
-        model_dirs=tuple(args.models),
+        model_dirs=tuple(args.models) or (str(BUNDLED_MODEL),),
+        overrides={key: value for key, value in given.items() if value is not None},
         host=args.host,
         port=args.port,
         backend=args.backend,
@@ -92,10 +102,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DEMO_PROMPT, run_demo
+    from .demo import run_demo
 
-    for path in run_demo(Path(args.workdir), Path(args.output), args.prompt or DEMO_PROMPT, args.seed):
+    for path in run_demo(Path(args.output), args.prompt, args.seed):
         print(f"wrote {path.resolve()}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, format_table, meets_targets
+
+    results = evaluate(args.model, args.count, args.seed)
+    print(f"{args.count} prompts from the shapes grammar, one image each per sampler, through the gRPC server")
+    print(format_table(results))
+    if args.json:
+        report = {"count": args.count, "seed": args.seed, "accuracy": results}
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if meets_targets(results) else 1
+
+
+def cmd_gallery(args: argparse.Namespace) -> int:
+    from .evaluate import GALLERY_PROMPTS, make_gallery
+
+    print(f"wrote {make_gallery(args.model, Path(args.output), args.prompts or GALLERY_PROMPTS, args.seed)}")
     return 0
 
 
@@ -112,15 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="images per engine call (the U-Net runs at twice this)")
     p.add_argument("--name", help="model name to serve it under (default: the source folder's name)")
     p.add_argument("--parity-tolerance", type=float, default=1e-3, help="allowed |torch - onnx| / output magnitude")
+    p.add_argument("--default-steps", type=int, help="steps the model is meant to run with (recorded in the manifest)")
+    p.add_argument("--default-guidance", type=float, help="its guidance scale (recorded in the manifest)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="serve exported models over gRPC")
-    p.add_argument("models", nargs="+", help="folders made by 'diffuserve export'")
+    p.add_argument("models", nargs="*", help="folders made by 'diffuserve export' (default: the bundled model)")
     p.add_argument("--host", default="[::]")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, help="intra-op threads per engine (default: the cores available)")
-    p.add_argument("--default-steps", type=int, default=ModelDefaults.steps)
+    p.add_argument("--default-steps", type=int, help="steps for requests that leave them unset (default: the model's)")
+    p.add_argument("--default-guidance", type=float, help="guidance for requests that leave it unset (the model's)")
     p.add_argument("--max-steps", type=int, default=ModelDefaults.max_steps)
     p.add_argument("--max-images", type=int, default=ModelDefaults.max_images)
     p.add_argument("--grace", type=float, default=30.0, help="seconds to finish accepted requests on shutdown")
@@ -154,12 +186,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the results here")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("demo", help="build the default model, serve it and draw one prompt")
-    p.add_argument("--prompt", default=None)
+    p = sub.add_parser("demo", help="serve the bundled model on a loopback port and draw one prompt over gRPC")
+    p.add_argument("--prompt", default=DEMO_PROMPT)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("-o", "--output", default="demo.png")
-    p.add_argument("--workdir", default="build/demo", help="where the default model is built and exported")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("evaluate", help="grade the bundled model's drawings of random prompts, per sampler")
+    p.add_argument("model", nargs="?", default=str(BUNDLED_MODEL))
+    p.add_argument("--count", type=int, default=100, help="prompts (one image each) per sampler")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the results here")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("gallery", help="a grid of the bundled model's drawings of a few prompts")
+    p.add_argument("prompts", nargs="*")
+    p.add_argument("--model", default=str(BUNDLED_MODEL))
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("-o", "--output", default="gallery.png")
+    p.set_defaults(func=cmd_gallery)
     return parser
 
 

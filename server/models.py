@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from diffuserve.engine.base import Engine
 from diffuserve.engine.loader import load_engines
@@ -15,6 +17,9 @@ from .schedulers import SAMPLERS, SchedulerConfig, default_sampler_name
 from .tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
+
+# The model that ships inside the package: what `diffuserve serve` and the demo run when given no model folder.
+BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "shapes"
 
 # Components text-to-image needs (the VAE encoder serves img2img, loaded when that arrives).
 TEXT_TO_IMAGE = (TEXT_ENCODER, UNET, VAE_DECODER)
@@ -59,10 +64,16 @@ class ServedModel:
 
 
 def load_model(
-    folder: str | os.PathLike, backend: str = "auto", threads: int | None = None, defaults: ModelDefaults | None = None
+    folder: str | os.PathLike,
+    backend: str = "auto",
+    threads: int | None = None,
+    defaults: ModelDefaults | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> ServedModel:
+    """Request defaults: the server's, then the model's own from its manifest, then the operator's overrides."""
     folder = Path(folder)
     manifest, engines = load_engines(folder, TEXT_TO_IMAGE, backend, threads)
+    defaults = replace(defaults or ModelDefaults(), **manifest.defaults, **(overrides or {}))
     scheduler_config = SchedulerConfig.from_file(folder / "scheduler" / "scheduler_config.json")
     return ServedModel(
         name=manifest.name,
@@ -71,5 +82,5 @@ def load_model(
         engines=engines,
         tokenizer=ClipTokenizer.from_folder(folder / "tokenizer"),
         scheduler_config=scheduler_config,
-        defaults=defaults or ModelDefaults(),
+        defaults=defaults,
     )

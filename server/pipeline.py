@@ -9,7 +9,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from diffuserve.engine.base import Engine
-from diffuserve.engine.manifest import TEXT_ENCODER, UNET, VAE_DECODER
+from diffuserve.engine.manifest import (
+    ENCODER_HIDDEN_STATES,
+    INPUT_IDS,
+    LAST_HIDDEN_STATE,
+    LATENT_SAMPLE,
+    MODEL_OUTPUT,
+    SAMPLE,
+    TEXT_ENCODER,
+    TIMESTEP,
+    UNET,
+    VAE_DECODER,
+)
 
 from .images import encode_image
 from .models import ServedModel
@@ -70,7 +81,7 @@ def encode_prompts(model: ServedModel, prompts: Sequence[str]) -> np.ndarray:
     engine = model.engines[TEXT_ENCODER]
     (ids_spec,) = engine.spec.inputs
     ids = model.tokenizer.encode(prompts).astype(ids_spec.np_dtype)
-    return RowRunner(engine, len(prompts))({ids_spec.name: ids})[engine.spec.outputs[0].name]
+    return RowRunner(engine, len(prompts))({INPUT_IDS: ids})[LAST_HIDDEN_STATE]
 
 
 # 3. Initial latents: one generator per image, so an image never depends on what it was batched with.
@@ -93,7 +104,7 @@ def denoise(
         np.concatenate([np.repeat(uncond, n, 0), np.repeat(cond, n, 0)]) if guided else np.repeat(cond, n, 0)
     )
     rows = len(rows_context)
-    unet = RowRunner(model.engines[UNET], rows, {"encoder_hidden_states": rows_context})
+    unet = RowRunner(model.engines[UNET], rows, {ENCODER_HIDDEN_STATES: rows_context})
     sample = np.empty((rows, *latents.shape[1:]), np.float32)
     timestep = np.empty(rows, np.float32)
     guidance = np.float32(params.guidance_scale)
@@ -103,9 +114,9 @@ def denoise(
             sample[n:] = sample[:n]
         timestep.fill(t)
         start = time.perf_counter()
-        out = unet({"sample": sample, "timestep": timestep})
+        out = unet({SAMPLE: sample, TIMESTEP: timestep})
         times.unet_ms += (time.perf_counter() - start) * 1e3
-        model_output = out["model_output"]
+        model_output = out[MODEL_OUTPUT]
         if guided:
             uncond_out, cond_out = model_output[:n], model_output[n:]
             model_output = uncond_out + guidance * (cond_out - uncond_out)
@@ -117,7 +128,7 @@ def denoise(
 def decode_latents(model: ServedModel, latents: np.ndarray) -> np.ndarray:
     manifest = model.manifest
     scaled = latents / np.float32(manifest.vae_scaling_factor) + np.float32(manifest.vae_shift_factor)
-    decoded = RowRunner(model.engines[VAE_DECODER], len(latents))({"latent_sample": scaled})["sample"]
+    decoded = RowRunner(model.engines[VAE_DECODER], len(latents))({LATENT_SAMPLE: scaled})[SAMPLE]
     return np.clip(decoded / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
 
 
