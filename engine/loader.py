@@ -17,15 +17,17 @@ log = logging.getLogger(__name__)
 
 def load_engines(
     folder: str | os.PathLike, components: Sequence[str], backend: str = "auto", threads: int | None = None
-) -> tuple[Manifest, dict[str, Engine]]:
-    """Loads the named components of a built model; the backend is resolved once and must be really active."""
+) -> tuple[Manifest, dict[str, tuple[Engine, ...]]]:
+    """Loads every batch size of the named components; the backend is resolved once and must be really active."""
     manifest = Manifest.load(folder)
     manifest.require(components)
     resolved = resolve_backend(backend)
-    engines: dict[str, Engine] = {}
+    engines: dict[str, tuple[Engine, ...]] = {}
     for name in components:
-        record = manifest.components[name]
         start = time.perf_counter()
-        engines[name] = OrtEngine(record.spec, Path(folder) / record.onnx_file, resolved, threads)
+        engines[name] = tuple(
+            OrtEngine(record.spec, Path(folder) / record.onnx_file, resolved, threads)
+            for record in manifest.components[name]
+        )
         log.info("%s/%s: loaded on %s in %.1f s", manifest.name, name, resolved, time.perf_counter() - start)
     return manifest, engines

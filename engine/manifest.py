@@ -13,7 +13,7 @@ import numpy as np
 
 MANIFEST_NAME = "manifest.json"
 # Bumped when a field changes meaning, so an old runtime refuses a folder it would misread.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # The component names used everywhere: specs, ONNX files, engines, manifest.
 TEXT_ENCODER = "text_encoder"
@@ -88,6 +88,8 @@ class ComponentRecord:
 
     spec: ComponentSpec
     onnx_file: str
+    # Images per call it was exported for (the U-Net's spec has twice the rows, for guidance).
+    batch: int
     parity: Mapping[str, float] = field(default_factory=dict)
 
 
@@ -102,11 +104,14 @@ class Manifest:
     vae_downsample: int
     height: int
     width: int
-    batch_size: int
+    # Every static batch exported, ascending; each component has one record (engine) per batch size.
+    batch_sizes: tuple[int, ...]
     precision: str
-    components: Mapping[str, ComponentRecord]
+    components: Mapping[str, tuple[ComponentRecord, ...]]
     source: Mapping[str, str] = field(default_factory=dict)
     versions: Mapping[str, str] = field(default_factory=dict)
+    # Linear map from one latent pixel (channels, then 1 for the bias) to RGB in 0..1: cheap previews, no VAE call.
+    latent_rgb: tuple[tuple[float, ...], ...] = ()
     # Request defaults the model was made for, e.g. {"steps": 20, "guidance_scale": 3.0}; the server's otherwise.
     defaults: Mapping[str, Any] = field(default_factory=dict)
 
@@ -119,8 +124,11 @@ class Manifest:
         d = {k: v for k, v in asdict(self).items() if k != "components"}
         d["format_version"] = FORMAT_VERSION
         d["components"] = {
-            name: {**rec.spec.to_dict(), "onnx_file": rec.onnx_file, "parity": dict(rec.parity)}
-            for name, rec in self.components.items()
+            name: [
+                {**rec.spec.to_dict(), "onnx_file": rec.onnx_file, "batch": rec.batch, "parity": dict(rec.parity)}
+                for rec in records
+            ]
+            for name, records in self.components.items()
         }
         return d
 
@@ -130,11 +138,23 @@ class Manifest:
         if version != FORMAT_VERSION:
             raise ValueError(f"manifest format_version is {version!r}; this diffuserve reads {FORMAT_VERSION}")
         components = {
-            name: ComponentRecord(ComponentSpec.from_dict(name, c), c["onnx_file"], c.get("parity", {}))
-            for name, c in d["components"].items()
+            name: tuple(
+                ComponentRecord(ComponentSpec.from_dict(name, c), c["onnx_file"], c["batch"], c.get("parity", {}))
+                for c in cs
+            )
+            for name, cs in d["components"].items()
         }
         fields = {k: d[k] for k in cls.__dataclass_fields__ if k != "components" and k in d}
+        fields["batch_sizes"] = tuple(fields["batch_sizes"])
+        fields["latent_rgb"] = tuple(tuple(row) for row in fields.get("latent_rgb", ()))
         return cls(components=components, **fields)
+
+    def record(self, component: str, batch: int | None = None) -> ComponentRecord:
+        """The component's engine for one batch size (the smallest by default)."""
+        for record in self.components[component]:
+            if batch is None or record.batch == batch:
+                return record
+        raise KeyError(f"{component}: no engine for batch {batch}; exported batches are {list(self.batch_sizes)}")
 
     def save(self, folder: str | os.PathLike) -> Path:
         path = Path(folder) / MANIFEST_NAME

@@ -9,6 +9,7 @@ import logging
 import shutil
 import time
 import warnings
+from collections import defaultdict
 from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from diffuserve.engine.manifest import MANIFEST_NAME, ComponentRecord, Component
 from diffuserve.engine.ort import OrtEngine
 
 from .parity import DEFAULT_TOLERANCE, ParityError, check_parity, random_feeds
+from .previews import fit_latent_rgb
 from .specs import ModelDims, component_specs
 from .wrappers import wrap_components
 
@@ -42,11 +44,17 @@ class ExportError(RuntimeError):
 class ExportOptions:
     height: int = 512
     width: int = 512
-    batch: int = 1
+    # Static batch sizes to build engines for; the server pads a batch to the smallest that fits.
+    batches: tuple[int, ...] = (1,)
     parity_tolerance: float = DEFAULT_TOLERANCE
     name: str | None = None
     default_steps: int | None = None
     default_guidance_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.batches or any(b < 1 for b in self.batches):
+            raise ValueError(f"--batch values must be positive integers, got {list(self.batches)}")
+        object.__setattr__(self, "batches", tuple(sorted(set(self.batches))))
 
     @property
     def request_defaults(self) -> dict[str, float]:
@@ -176,29 +184,33 @@ def export_model(
 
     text_encoder, unet, vae = load_components(src)
     dims = model_dims(src, text_encoder, unet, vae)
-    specs = component_specs(dims, options.height, options.width, options.batch)
     modules = wrap_components(text_encoder, unet, vae)
+    jobs = [
+        (batch, spec)
+        for batch in options.batches
+        for spec in component_specs(dims, options.height, options.width, batch).values()
+    ]
 
-    records: dict[str, ComponentRecord] = {}
-    for index, (name, spec) in enumerate(specs.items(), start=1):
-        report(f"[{index}/{len(specs)}] {name}: exporting {', '.join(t.describe() for t in spec.inputs)}")
+    records: dict[str, list[ComponentRecord]] = defaultdict(list)
+    for index, (batch, spec) in enumerate(jobs, start=1):
+        name, step = spec.name, f"[{index}/{len(jobs)}] {spec.name}"
+        report(f"{step}: exporting {', '.join(t.describe() for t in spec.inputs)}")
         start = time.perf_counter()
         feeds = random_feeds(spec, dims.vocab_size, dims.num_train_timesteps)
-        onnx_file = f"{name}/model.onnx"
+        onnx_file = f"{name}/model_b{batch}.onnx"
         export_onnx(modules[name], spec, feeds, out / onnx_file)
         parity = check_parity(modules[name], OrtEngine(spec, out / onnx_file, "cpu"), feeds, options.parity_tolerance)
-        seconds = time.perf_counter() - start
         verdict = "ok" if parity.passed else "FAILED"
         report(
-            f"[{index}/{len(specs)}] {name}: {seconds:.1f} s, parity max|torch - onnxruntime| = "
+            f"{step}: {time.perf_counter() - start:.1f} s, parity max|torch - onnxruntime| = "
             f"{parity.max_abs_diff:.2e} (allowed {parity.tolerance * parity.reference_scale:.2e}) {verdict}"
         )
         if not parity.passed:
             raise ParityError(
-                f"{name}: ONNX Runtime differs from PyTorch by {parity.max_abs_diff:.3e}, over the allowed "
-                f"{parity.tolerance:g} x {parity.reference_scale:.3g}; the export is not usable"
+                f"{name} (batch {batch}): ONNX Runtime differs from PyTorch by {parity.max_abs_diff:.3e}, over the "
+                f"allowed {parity.tolerance:g} x {parity.reference_scale:.3g}; the export is not usable"
             )
-        records[name] = ComponentRecord(spec, onnx_file, parity.to_dict())
+        records[name].append(ComponentRecord(spec, onnx_file, batch, parity.to_dict()))
 
     shutil.copytree(src / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
     (out / "scheduler").mkdir(exist_ok=True)
@@ -214,12 +226,13 @@ def export_model(
         vae_downsample=dims.vae_downsample,
         height=options.height,
         width=options.width,
-        batch_size=options.batch,
+        batch_sizes=options.batches,
         precision="fp32",
-        components=records,
+        components={name: tuple(rs) for name, rs in records.items()},
         source={"path": str(src), "sha256": source_hash(src)},
         versions=versions(),
         defaults=options.request_defaults,
+        latent_rgb=fit_latent_rgb(vae, options.height, options.width),
     )
     manifest.save(out)
     report(f"wrote {out / MANIFEST_NAME}")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .sd_folder import save_sd_folder
 from .tiny_tokenizer import TINY_VOCAB_SIZE, save_tiny_clip_tokenizer
 
 # SD 1.x's own noise schedule (PNDMScheduler config as shipped with SD 1.5).
@@ -26,7 +27,7 @@ SD1_SCHEDULER_CONFIG = {
 
 def build_tiny_model(folder: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
     """Writes a diffusers folder with SD 1.x's layout and 8x VAE, but widths of 32-64, with random weights."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
@@ -69,17 +70,7 @@ def build_tiny_model(folder: str | Path, seed: int = 0, prediction_type: str = "
         sample_size=128,
     )
     scheduler = PNDMScheduler.from_config({**SD1_SCHEDULER_CONFIG, "prediction_type": prediction_type})
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(folder, safe_serialization=True)
+    save_sd_folder(folder, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
     # Keep the scheduler file exactly as a real SD 1.x folder has it (save_pretrained adds derived defaults).
     (folder / "scheduler" / "scheduler_config.json").write_text(
         json.dumps({**SD1_SCHEDULER_CONFIG, "prediction_type": prediction_type}, indent=2)

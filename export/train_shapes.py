@@ -22,6 +22,8 @@ import torch.nn.functional as F
 
 from diffuserve.server.shapes import Scene, describe, random_scene, render
 
+from .sd_folder import save_sd_folder
+
 CLIP_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "models" / "clip-tokenizer"
 # SD 1.x's noise schedule, so the model runs under the same samplers as real SD checkpoints.
 SD1_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
@@ -216,24 +218,15 @@ def train_denoiser(config, tokenizer, scenes, latents, rng: np.random.Generator)
 
 
 def save_model(out: Path, vae, text_encoder, tokenizer, unet, config: TrainConfig, record: dict) -> None:
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler(**SD1_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
     if out.exists():
         shutil.rmtree(out)
     # Stored in fp16 to halve the repository's copy (fp32 was 34 MB); export loads them back as fp32, so the shipped
     # engines and every measurement are of these rounded weights.
-    pipeline.to("cpu", torch.float16).save_pretrained(out, safe_serialization=True)
+    modules = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet, "scheduler": scheduler}
+    save_sd_folder(out, **modules, dtype=torch.float16)
     (out / "training.json").write_text(json.dumps({"config": asdict(config), **record}, indent=2) + "\n")
 
 

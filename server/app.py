@@ -6,8 +6,8 @@ import asyncio
 import logging
 import signal
 import threading
+import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,12 +20,16 @@ from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
 from .models import ModelDefaults, ServedModel, load_model
 from .service import DiffusionService
+from .worker import InferenceWorker, WorkerConfig
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DiffusionService"].full_name
 # Images are a few MB at most; 64 MiB leaves room for several large images per response without allowing abuse.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DRAIN_POLL_S = 0.05
+# Time for responses of calls that finished at the end of the grace period to reach their clients.
+RESPONSE_FLUSH_S = 1.0
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -42,6 +46,7 @@ class ServerConfig:
     defaults: ModelDefaults = field(default_factory=ModelDefaults)
     # Operator's request defaults (steps, guidance_scale) that win over each model's own.
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
     # Seconds accepted requests get to finish after a stop signal.
     grace_s: float = 30.0
 
@@ -57,13 +62,23 @@ def load_models(config: ServerConfig) -> dict[str, ServedModel]:
     return models
 
 
-async def start_server(
-    config: ServerConfig, models: Mapping[str, ServedModel], worker: ThreadPoolExecutor
-) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Starts serving; returns the server, the port really bound (config.port 0 picks a free one) and health."""
+@dataclass
+class Running:
+    """A started server and what its shutdown needs."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service: DiffusionService
+    worker: InferenceWorker
+
+
+async def start_server(config: ServerConfig, models: Mapping[str, ServedModel]) -> Running:
+    """Starts the worker and the server; config.port 0 binds a free port, reported in Running.port."""
+    worker = InferenceWorker(config.worker).start()
     server = grpc.aio.server(options=CHANNEL_OPTIONS)
-    default_model = next(iter(models))
-    pb_grpc.add_DiffusionServiceServicer_to_server(DiffusionService(models, default_model, worker), server)
+    service = DiffusionService(models, next(iter(models)), worker)
+    pb_grpc.add_DiffusionServiceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -73,31 +88,38 @@ async def start_server(
     await server.start()
     for name in ("", SERVICE_NAME, *models):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, port, health_servicer
+    return Running(server, port, health_servicer, service, worker)
 
 
-async def stop_server(server: grpc.aio.Server, health_servicer: health.aio.HealthServicer, grace_s: float) -> None:
-    await health_servicer.enter_graceful_shutdown()
-    await server.stop(grace_s)
+async def drain(running: Running, grace_s: float) -> None:
+    """Health goes NOT_SERVING and new requests get UNAVAILABLE; accepted ones get up to grace_s to finish."""
+    running.service.draining = True
+    await running.health.enter_graceful_shutdown()
+    until = time.monotonic() + grace_s
+    while not running.worker.idle() and time.monotonic() < until:
+        await asyncio.sleep(DRAIN_POLL_S)
+    # Lets the finished calls send their responses; anything still running past the grace is cancelled.
+    await running.server.stop(max(0.0, until - time.monotonic()) + RESPONSE_FLUSH_S)
+    await asyncio.get_running_loop().run_in_executor(None, running.worker.stop)
 
 
 def serve(config: ServerConfig) -> None:
-    """Serves until SIGTERM or SIGINT, then drains for up to config.grace_s."""
+    """Serves until SIGTERM or SIGINT, then drains for up to config.grace_s and returns."""
     models = load_models(config)
 
     async def main() -> None:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference") as worker:
-            server, port, health_servicer = await start_server(config, models, worker)
-            log.info("listening on %s:%d", config.host, port)
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
-            try:
-                await stop.wait()
-                log.info("stopping: draining for up to %.0f s", config.grace_s)
-            finally:
-                await stop_server(server, health_servicer, config.grace_s)
+        running = await start_server(config, models)
+        log.info("listening on %s:%d", config.host, running.port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+            log.info("stopping: draining for up to %.0f s", config.grace_s)
+        finally:
+            await drain(running, config.grace_s)
+        log.info("stopped")
 
     asyncio.run(main())
 
@@ -110,13 +132,13 @@ class BackgroundServer:
         self.models = models if models is not None else load_models(config)
         self.port = 0
         self._loop = asyncio.new_event_loop()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
         self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-server", daemon=True)
 
     def start(self) -> BackgroundServer:
         self._thread.start()
-        started = asyncio.run_coroutine_threadsafe(start_server(self.config, self.models, self._worker), self._loop)
-        self._server, self.port, self._health = started.result()
+        started = asyncio.run_coroutine_threadsafe(start_server(self.config, self.models), self._loop)
+        self.running = started.result()
+        self.port = self.running.port
         return self
 
     @property
@@ -124,11 +146,9 @@ class BackgroundServer:
         return f"127.0.0.1:{self.port}"
 
     def stop(self, grace_s: float = 0.0) -> None:
-        stopped = asyncio.run_coroutine_threadsafe(stop_server(self._server, self._health, grace_s), self._loop)
-        stopped.result()
+        asyncio.run_coroutine_threadsafe(drain(self.running, grace_s), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
-        self._worker.shutdown()
 
     def __enter__(self) -> BackgroundServer:
         return self.start()

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import json
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 
+from diffuserve.v1 import diffusion_pb2 as pb
+from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
+
+from .app import CHANNEL_OPTIONS, BackgroundServer, ServerConfig
 from .images import encode_image
 from .models import load_model
-from .params import GenerateParams
+from .params import GenerateParams, validate
 from .pipeline import StageTimes, generate, initial_latents, to_uint8
+from .worker import WorkerConfig
 
 BENCH_PROMPT = "a red circle on a blue background"
 BENCH_SEED = 7
@@ -128,6 +135,112 @@ def run_bench(options: BenchOptions, json_path: str | None = None) -> dict:
     )
     print(format_table(ours, reference))
     report = {"options": asdict(options), "diffuserve": ours, "diffusers": reference}
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    model_dir: str
+    concurrency: tuple[int, ...] = (1, 4, 8)
+    requests: int = 32
+    steps: int = 20
+    # The server's wait for batch company in ms (WorkerConfig's default when None).
+    max_batch_wait_ms: float | None = None
+
+
+def closed_loop(address: str, concurrency: int, requests: int, steps: int) -> dict[str, float]:
+    """`concurrency` clients, each sending its next request when the last returns, until `requests` are served."""
+    latencies: list[float] = []
+    batch_sizes: list[int] = []
+    counter = iter(range(requests))
+    lock = threading.Lock()
+
+    def client(stub: pb_grpc.DiffusionServiceStub) -> None:
+        while True:
+            with lock:
+                index = next(counter, None)
+            if index is None:
+                return
+            request = pb.GenerateRequest(prompt=BENCH_PROMPT, steps=steps, seeds=[index])
+            start = time.perf_counter()
+            response = stub.Generate(request)
+            with lock:
+                latencies.append((time.perf_counter() - start) * 1e3)
+                batch_sizes.append(response.timings.batch_size)
+
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stub = pb_grpc.DiffusionServiceStub(channel)
+        client_threads = [threading.Thread(target=client, args=(stub,)) for _ in range(concurrency)]
+        start = time.perf_counter()
+        for thread in client_threads:
+            thread.start()
+        for thread in client_threads:
+            thread.join()
+        wall = time.perf_counter() - start
+    p50, p90, p99 = np.percentile(latencies, [50, 90, 99])
+    return {
+        "concurrency": concurrency,
+        "images_per_s": requests / wall,
+        "p50_ms": p50,
+        "p90_ms": p90,
+        "p99_ms": p99,
+        "mean_batch": float(np.mean(batch_sizes)),
+    }
+
+
+def grpc_overhead(model_dir: str, steps: int, runs: int = 15) -> dict[str, float]:
+    """The same single request in-process and over a loopback channel, interleaved so drift hits both alike."""
+    model = load_model(model_dir, backend="cpu")
+    request = pb.GenerateRequest(prompt=BENCH_PROMPT, steps=steps, seeds=[BENCH_SEED])
+    params = validate(request, {model.name: model}, model.name)
+    config = ServerConfig(model_dirs=(), host="127.0.0.1", port=0)
+    local, remote = [], []
+    with BackgroundServer(config, {model.name: model}) as server:
+        with grpc.insecure_channel(server.address, options=CHANNEL_OPTIONS) as channel:
+            stub = pb_grpc.DiffusionServiceStub(channel)
+            stub.Generate(request)  # warm-up of both paths
+            for _ in range(runs):
+                start = time.perf_counter()
+                generate(model, params)
+                local.append((time.perf_counter() - start) * 1e3)
+                start = time.perf_counter()
+                stub.Generate(request)
+                remote.append((time.perf_counter() - start) * 1e3)
+    in_process, over_grpc = statistics.median(local), statistics.median(remote)
+    return {"in_process_p50_ms": in_process, "grpc_p50_ms": over_grpc, "overhead_ms": over_grpc - in_process}
+
+
+def run_load(options: LoadOptions, json_path: str | None = None) -> dict:
+    model = load_model(options.model_dir, backend="cpu")
+    rows = []
+    for batching in (True, False):
+        wait = {} if options.max_batch_wait_ms is None else {"max_batch_wait_ms": options.max_batch_wait_ms}
+        worker = WorkerConfig(batching=batching, queue_capacity=max(options.concurrency) * 2, **wait)
+        config = ServerConfig(model_dirs=(), host="127.0.0.1", port=0, worker=worker)
+        with BackgroundServer(config, {model.name: model}) as server:
+            closed_loop(server.address, 1, 2, options.steps)  # warm-up
+            for concurrency in options.concurrency:
+                rows.append(
+                    {"batching": batching, **closed_loop(server.address, concurrency, options.requests, options.steps)}
+                )
+    overhead = grpc_overhead(options.model_dir, options.steps)
+    print(
+        f"model {model.name}, batch sizes {list(model.batch_sizes)}, {options.steps} steps, "
+        f"{options.requests} requests per row, closed loop over gRPC"
+    )
+    print(f"{'batching':<10}{'clients':>8}{'images/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'batch':>7}")
+    for row in rows:
+        print(
+            f"{'on' if row['batching'] else 'off':<10}{row['concurrency']:>8}{row['images_per_s']:>10.2f}"
+            f"{row['p50_ms']:>9.0f}{row['p90_ms']:>9.0f}{row['p99_ms']:>9.0f}{row['mean_batch']:>7.2f}"
+        )
+    print(
+        f"gRPC overhead, one request: in-process p50 {overhead['in_process_p50_ms']:.1f} ms, "
+        f"over gRPC p50 {overhead['grpc_p50_ms']:.1f} ms, difference {overhead['overhead_ms']:.1f} ms"
+    )
+    report = {"options": asdict(options), "load": rows, "grpc_overhead": overhead}
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -22,7 +22,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     options = ExportOptions(
         height=args.height,
         width=args.width,
-        batch=args.batch,
+        batches=tuple(args.batch or [1]),
         parity_tolerance=args.parity_tolerance,
         name=args.name,
         default_steps=args.default_steps,
@@ -38,6 +38,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .app import ServerConfig, serve
+    from .worker import WorkerConfig
 
     defaults = ModelDefaults(max_steps=args.max_steps, max_images=args.max_images)
     given = {"steps": args.default_steps, "guidance_scale": args.default_guidance}
@@ -50,6 +51,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         threads=args.threads,
         defaults=defaults,
         grace_s=args.grace,
+        worker=WorkerConfig(
+            queue_capacity=args.queue_capacity, batching=not args.no_batching, max_batch_wait_ms=args.max_batch_wait_ms
+        ),
     )
     serve(config)
     return 0
@@ -58,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     import grpc
 
-    from .client import ClientRequest, request_generate, write_images
+    from .client import ClientRequest, ProgressBar, request_generate, stream_generate, write_images
 
     request = ClientRequest(
         prompt=args.prompt,
@@ -76,7 +80,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         embed_metadata=not args.no_metadata,
     )
     try:
-        response = request_generate(args.server, request.to_proto(), timeout_s=args.timeout)
+        if args.stream:
+            response = stream_generate(args.server, request.to_proto(), ProgressBar(), timeout_s=args.timeout)
+        else:
+            response = request_generate(args.server, request.to_proto(), timeout_s=args.timeout)
     except grpc.RpcError as e:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
@@ -92,8 +99,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchOptions, run_bench
+    from .bench import BenchOptions, LoadOptions, run_bench, run_load
 
+    if args.load:
+        load = LoadOptions(args.model, tuple(args.concurrency), args.requests, args.steps, args.max_batch_wait_ms)
+        run_load(load, json_path=args.json)
+        return 0
     options = BenchOptions(
         model_dir=args.model, reference=args.reference, steps=args.steps, runs=args.runs, scheduler=args.scheduler
     )
@@ -138,7 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="the folder to write")
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--width", type=int, default=512)
-    p.add_argument("--batch", type=int, default=1, help="images per engine call (the U-Net runs at twice this)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        action="append",
+        help="images per engine call (the U-Net runs at twice this); repeat for several sizes (default: 1)",
+    )
     p.add_argument("--name", help="model name to serve it under (default: the source folder's name)")
     p.add_argument("--parity-tolerance", type=float, default=1e-3, help="allowed |torch - onnx| / output magnitude")
     p.add_argument("--default-steps", type=int, help="steps the model is meant to run with (recorded in the manifest)")
@@ -156,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=ModelDefaults.max_steps)
     p.add_argument("--max-images", type=int, default=ModelDefaults.max_images)
     p.add_argument("--grace", type=float, default=30.0, help="seconds to finish accepted requests on shutdown")
+    p.add_argument("--queue-capacity", type=int, default=64, help="waiting requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--no-batching", action="store_true", help="run each request on its own")
+    p.add_argument("--max-batch-wait-ms", type=float, default=5.0, help="how long a request waits for batch company")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="ask a server for an image")
@@ -175,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality", type=int, default=0)
     p.add_argument("--no-metadata", action="store_true", help="do not embed prompt and settings in the file")
     p.add_argument("--timeout", type=float, help="deadline in seconds")
+    p.add_argument("--stream", action="store_true", help="show a progress bar while the server works")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="per-stage latency, optionally against diffusers on the source model")
@@ -184,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--scheduler", choices=sorted(SAMPLERS), default="euler")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--load", action="store_true", help="closed-loop load over gRPC instead, batching on and off")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8], help="with --load: clients per row")
+    p.add_argument("--requests", type=int, default=32, help="with --load: requests per row")
+    p.add_argument("--max-batch-wait-ms", type=float, help="with --load: the server's wait for batch company")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="serve the bundled model on a loopback port and draw one prompt over gRPC")

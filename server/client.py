@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,49 @@ class ClientRequest:
 def request_generate(address: str, request: pb.GenerateRequest, timeout_s: float | None = None) -> pb.GenerateResponse:
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         return pb_grpc.DiffusionServiceStub(channel).Generate(request, timeout=timeout_s)
+
+
+def stream_generate(
+    address: str,
+    request: pb.GenerateRequest,
+    on_event: Callable[[pb.GenerateEvent], None],
+    timeout_s: float | None = None,
+) -> pb.GenerateResponse:
+    """GenerateStream, reassembled into the response Generate would have given; every event goes to on_event."""
+    images: list[pb.Image] = []
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        for event in pb_grpc.DiffusionServiceStub(channel).GenerateStream(request, timeout=timeout_s):
+            on_event(event)
+            if event.HasField("image"):
+                images.append(event.image)
+            elif event.HasField("completed"):
+                response = event.completed
+                response.images.extend(images)
+                return response
+    raise RuntimeError("the stream ended without a completed event")
+
+
+class ProgressBar:
+    """A one-line progress display on stderr, fed with stream events."""
+
+    WIDTH = 30
+
+    def __call__(self, event: pb.GenerateEvent) -> None:
+        kind = event.WhichOneof("event")
+        if kind == "queued":
+            line = f"queued: {event.queued.position} ahead"
+        elif kind == "progress":
+            p = event.progress
+            filled = self.WIDTH * p.step // max(1, p.total)
+            line = (
+                f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] step {p.step}/{p.total}, {p.eta_ms / 1e3:.1f} s left"
+            )
+        elif kind == "completed":
+            line = "done\n"
+        else:
+            return
+        sys.stderr.write(f"\r\033[K{line}")
+        sys.stderr.flush()
 
 
 def output_paths(output: Path, count: int, mime_type: str) -> list[Path]:

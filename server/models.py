@@ -41,7 +41,8 @@ class ServedModel:
     name: str
     folder: Path
     manifest: Manifest
-    engines: dict[str, Engine]
+    # One engine per exported batch size, ascending.
+    engines: dict[str, tuple[Engine, ...]]
     tokenizer: ClipTokenizer
     scheduler_config: SchedulerConfig
     defaults: ModelDefaults
@@ -55,12 +56,17 @@ class ServedModel:
         return tuple(SAMPLERS)
 
     @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """Images per engine call the model was exported for."""
+        return self.manifest.batch_sizes
+
+    @property
     def backend(self) -> str:
-        return self.engines[UNET].backend
+        return self.engines[UNET][0].backend
 
     @property
     def providers(self) -> list[str]:
-        return list(getattr(self.engines[UNET], "providers", [self.backend]))
+        return list(getattr(self.engines[UNET][0], "providers", [self.backend]))
 
 
 def load_model(

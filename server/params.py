@@ -49,6 +49,7 @@ class GenerateParams:
     output_format: str
     quality: int
     embed_metadata: bool
+    preview_interval: int = 0
 
     @property
     def num_images(self) -> int:
@@ -148,6 +149,15 @@ def validate(request: pb.GenerateRequest, models: Mapping[str, ServedModel], def
     quality = request.quality or DEFAULT_QUALITY
     check(1 <= quality <= 100, f"quality: must be in 1..100 (0 for the default), got {request.quality}")
 
+    check(
+        0 <= request.preview_interval <= steps,
+        f"preview_interval: must be in 0..{steps} (the steps), got {request.preview_interval}",
+    )
+    check(
+        request.preview_interval == 0 or bool(model.manifest.latent_rgb),
+        f"preview_interval: model {model.name!r} has no latent preview map; re-export it with this diffuserve",
+    )
+
     if errors:
         raise InvalidArgument("; ".join(errors))
     seeds = tuple(request.seeds) + tuple(
@@ -167,4 +177,5 @@ def validate(request: pb.GenerateRequest, models: Mapping[str, ServedModel], def
         output_format=output_format,
         quality=quality,
         embed_metadata=request.embed_metadata,
+        preview_interval=request.preview_interval,
     )

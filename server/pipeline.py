@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -32,6 +33,7 @@ from .schedulers import Plan, get_sampler, make_plan
 class StageTimes:
     """Milliseconds per stage of one request; unet_ms is the engine share of denoise_ms."""
 
+    queue_ms: float = 0.0
     text_encoder_ms: float = 0.0
     denoise_ms: float = 0.0
     unet_ms: float = 0.0
@@ -47,41 +49,57 @@ class GenerateResult:
     times: StageTimes = field(default_factory=StageTimes)
 
 
-class RowRunner:
-    """Runs an engine over any number of rows in chunks of its static batch, reusing padded input buffers."""
+def plan_chunks(rows: int, engines: Sequence[Engine]) -> list[tuple[int, int, Engine]]:
+    """Splits rows into engine calls: the largest batch while it fills, then the smallest batch that fits the rest."""
+    by_size = sorted(engines, key=lambda e: e.spec.batch_size)
+    largest = by_size[-1]
+    chunks, start = [], 0
+    while start < rows:
+        remaining = rows - start
+        engine = (
+            largest
+            if remaining >= largest.spec.batch_size
+            else next(e for e in by_size if e.spec.batch_size >= remaining)
+        )
+        stop = min(start + engine.spec.batch_size, rows)
+        chunks.append((start, stop, engine))
+        start = stop
+    return chunks
 
-    def __init__(self, engine: Engine, rows: int, fixed: Mapping[str, np.ndarray] | None = None):
-        self.engine = engine
-        self.rows = rows
-        batch = engine.spec.batch_size
-        self.chunks = [(start, min(start + batch, rows)) for start in range(0, rows, batch)]
+
+class RowRunner:
+    """Runs a component over any number of rows through its static-batch engines, reusing padded input buffers."""
+
+    def __init__(self, engines: Sequence[Engine], rows: int, fixed: Mapping[str, np.ndarray] | None = None):
+        self.chunks = plan_chunks(rows, engines)
+        self.outputs = [t.name for t in engines[0].spec.outputs]
         # Padding rows stay zero: every row is computed independently, so they never touch real rows.
-        self.buffers = [{t.name: np.zeros(t.shape, t.np_dtype) for t in engine.spec.inputs} for _ in self.chunks]
+        self.buffers = [{t.name: np.zeros(t.shape, t.np_dtype) for t in e.spec.inputs} for _, _, e in self.chunks]
         for name, array in (fixed or {}).items():
             self._fill(name, array)
 
     def _fill(self, name: str, array: np.ndarray) -> None:
-        for (start, stop), buffers in zip(self.chunks, self.buffers, strict=True):
+        for (start, stop, _), buffers in zip(self.chunks, self.buffers, strict=True):
             buffers[name][: stop - start] = array[start:stop]
 
     def __call__(self, varying: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         for name, array in varying.items():
             self._fill(name, array)
-        results = [self.engine.run(buffers) for buffers in self.buffers]
-        counts = [stop - start for start, stop in self.chunks]
+        results = [engine.run(buffers) for (_, _, engine), buffers in zip(self.chunks, self.buffers, strict=True)]
+        counts = [stop - start for start, stop, _ in self.chunks]
         return {
-            t.name: np.concatenate([r[t.name][:count] for r, count in zip(results, counts, strict=True)])
-            for t in self.engine.spec.outputs
+            name: np.concatenate([r[name][:count] for r, count in zip(results, counts, strict=True)])
+            for name in self.outputs
         }
 
 
 # 1. Tokenize and 2. encode the prompt and the negative prompt.
 def encode_prompts(model: ServedModel, prompts: Sequence[str]) -> np.ndarray:
     """[len(prompts), seq, hidden] text embeddings."""
-    engine = model.engines[TEXT_ENCODER]
-    (ids_spec,) = engine.spec.inputs
+    engines = model.engines[TEXT_ENCODER]
+    (ids_spec,) = engines[0].spec.inputs
     ids = model.tokenizer.encode(prompts).astype(ids_spec.np_dtype)
-    return RowRunner(engine, len(prompts))({INPUT_IDS: ids})[LAST_HIDDEN_STATE]
+    return RowRunner(engines, len(prompts))({INPUT_IDS: ids})[LAST_HIDDEN_STATE]
 
 
 # 3. Initial latents: one generator per image, so an image never depends on what it was batched with.
@@ -90,38 +108,96 @@ def initial_latents(seeds: Sequence[int], latent_shape: tuple[int, ...], init_no
     return noise * np.float32(init_noise_sigma)
 
 
-# 4. Denoise: the sampler around the U-Net, with classifier-free guidance.
+# 4. Denoise: the sampler around the U-Net, with classifier-free guidance, for every member of a batch at once.
+class Member(Protocol):
+    """A request in a batch: its parameters and timings, whether it may go on, and where its progress goes."""
+
+    params: GenerateParams
+    times: StageTimes
+
+    def proceed(self) -> bool: ...
+
+    def on_step(self, step: int, total: int, latents: np.ndarray, step_ms: float) -> None: ...
+
+
+@dataclass
+class Solo:
+    """A member that always proceeds and reports nowhere: one request run directly."""
+
+    params: GenerateParams
+    times: StageTimes = field(default_factory=StageTimes)
+
+    def proceed(self) -> bool:
+        return True
+
+    def on_step(self, step: int, total: int, latents: np.ndarray, step_ms: float) -> None:
+        pass
+
+
+class UNetRows:
+    """The U-Net's inputs for the images of the members still running; rebuilt only when one leaves."""
+
+    def __init__(self, model: ServedModel, members: Sequence[Member], context: Sequence[np.ndarray], guided: bool):
+        counts = [m.params.num_images for m in members]
+        n = sum(counts)
+        cond = np.concatenate([np.repeat(c[1:2], k, 0) for c, k in zip(context, counts, strict=True)])
+        if guided:
+            uncond = np.concatenate([np.repeat(c[0:1], k, 0) for c, k in zip(context, counts, strict=True)])
+            cond = np.concatenate([uncond, cond])
+        self.n, self.guided = n, guided
+        self.runner = RowRunner(model.engines[UNET], len(cond), {ENCODER_HIDDEN_STATES: cond})
+        self.sample = np.empty((len(cond), *model.manifest.latent_shape), np.float32)
+        self.timestep = np.empty(len(cond), np.float32)
+        # Per image, so requests with different scales share a call; shaped to broadcast over [n, C, h, w].
+        scales = [np.full(k, m.params.guidance_scale, np.float32) for m, k in zip(members, counts, strict=True)]
+        self.guidance = np.concatenate(scales).reshape(-1, 1, 1, 1)
+
+    def predict(self, latents: np.ndarray, input_scale: np.float32, t: np.float32) -> np.ndarray:
+        n = self.n
+        np.multiply(latents, input_scale, out=self.sample[:n])
+        if self.guided:
+            self.sample[n:] = self.sample[:n]
+        self.timestep.fill(t)
+        model_output = self.runner({SAMPLE: self.sample, TIMESTEP: self.timestep})[MODEL_OUTPUT]
+        if not self.guided:
+            return model_output
+        uncond, cond = model_output[:n], model_output[n:]
+        return uncond + self.guidance * (cond - uncond)
+
+
 def denoise(
-    model: ServedModel, params: GenerateParams, plan: Plan, latents: np.ndarray, context: np.ndarray, times: StageTimes
-) -> np.ndarray:
-    """context holds [uncond, cond] embeddings (one row each); returns the final latents."""
-    sampler = get_sampler(params.scheduler)
-    n = len(latents)
-    guided = params.uses_guidance
-    uncond, cond = context[0:1], context[1:2]
-    # Rows: the n unconditional predictions, then the n conditional ones (only the latter without guidance).
-    rows_context = (
-        np.concatenate([np.repeat(uncond, n, 0), np.repeat(cond, n, 0)]) if guided else np.repeat(cond, n, 0)
-    )
-    rows = len(rows_context)
-    unet = RowRunner(model.engines[UNET], rows, {ENCODER_HIDDEN_STATES: rows_context})
-    sample = np.empty((rows, *latents.shape[1:]), np.float32)
-    timestep = np.empty(rows, np.float32)
-    guidance = np.float32(params.guidance_scale)
+    model: ServedModel, members: Sequence[Member], plan: Plan, latents: list[np.ndarray], context: list[np.ndarray]
+) -> list[np.ndarray | None]:
+    """Steps every member in lockstep; a member that may not proceed leaves at once and gets None."""
+    sampler = get_sampler(members[0].params.scheduler)
+    guided = members[0].params.uses_guidance
+    final: list[np.ndarray | None] = [None] * len(members)
+    current = dict(enumerate(latents))  # member index -> its latents, while it runs
+    active: list[int] = []
+    rows, x, bounds = None, None, []
+    total = len(plan.timesteps)
     for index, t in enumerate(plan.timesteps):
-        np.multiply(latents, plan.input_scales[index], out=sample[:n])
-        if guided:
-            sample[n:] = sample[:n]
-        timestep.fill(t)
+        running = [i for i in current if members[i].proceed()]
+        if running != active:
+            if x is not None:  # the batch changes: take each member's rows back out of it
+                current = {i: x[a:b] for i, (a, b) in zip(active, bounds, strict=True) if i in running}
+            active = running
+            if not active:
+                return final
+            x = np.concatenate([current[i] for i in active])
+            bounds = row_bounds([members[i].params.num_images for i in active])
+            rows = UNetRows(model, [members[i] for i in active], [context[i] for i in active], guided)
         start = time.perf_counter()
-        out = unet({SAMPLE: sample, TIMESTEP: timestep})
-        times.unet_ms += (time.perf_counter() - start) * 1e3
-        model_output = out[MODEL_OUTPUT]
-        if guided:
-            uncond_out, cond_out = model_output[:n], model_output[n:]
-            model_output = uncond_out + guidance * (cond_out - uncond_out)
-        latents = sampler.step(plan, index, latents, model_output)
-    return latents
+        model_output = rows.predict(x, plan.input_scales[index], t)
+        unet_ms = _ms_since(start)
+        x = sampler.step(plan, index, x, model_output)
+        step_ms = _ms_since(start)
+        for i, (a, b) in zip(active, bounds, strict=True):
+            members[i].times.unet_ms += unet_ms
+            members[i].on_step(index + 1, total, x[a:b], step_ms)
+    for i, (a, b) in zip(active, bounds, strict=True):
+        final[i] = x[a:b]
+    return final
 
 
 # 5. VAE decode to pixels in 0..1, channels last.
@@ -130,6 +206,14 @@ def decode_latents(model: ServedModel, latents: np.ndarray) -> np.ndarray:
     scaled = latents / np.float32(manifest.vae_scaling_factor) + np.float32(manifest.vae_shift_factor)
     decoded = RowRunner(model.engines[VAE_DECODER], len(latents))({LATENT_SAMPLE: scaled})[SAMPLE]
     return np.clip(decoded / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+
+
+# Previews while denoising: the VAE's colours, approximated per latent pixel by the manifest's linear map.
+def preview_images(model: ServedModel, latents: np.ndarray) -> list[bytes]:
+    projection = np.asarray(model.manifest.latent_rgb, np.float32)
+    weights, bias = projection[:-1], projection[-1]
+    rgb = np.einsum("nchw,cd->nhwd", latents / np.float32(model.manifest.vae_scaling_factor), weights) + bias
+    return [encode_image(image, "png", 0)[0] for image in to_uint8(np.clip(rgb, 0.0, 1.0))]
 
 
 # 6. Quantise and encode each image.
@@ -150,32 +234,36 @@ def image_metadata(params: GenerateParams, seed: int) -> dict[str, str]:
     }
 
 
-def render(model: ServedModel, params: GenerateParams, times: StageTimes | None = None) -> np.ndarray:
-    """Steps 1-5: the float image [n, H, W, 3] in 0..1."""
-    times = times if times is not None else StageTimes()
-    plan = make_plan(params.scheduler, model.scheduler_config, params.steps)
+def render_members(model: ServedModel, members: Sequence[Member]) -> list[np.ndarray | None]:
+    """Steps 1-5 for a batch of compatible requests: each member's float images [n, H, W, 3] in 0..1, or None
+    for a member that stopped early. Shared engine calls count in full towards every member's times."""
+    first = members[0].params
+    plan = make_plan(first.scheduler, model.scheduler_config, first.steps)
 
     start = time.perf_counter()
-    context = encode_prompts(model, [params.negative_prompt, params.prompt])
-    times.text_encoder_ms = _ms_since(start)
+    embeddings = encode_prompts(model, [p for m in members for p in (m.params.negative_prompt, m.params.prompt)])
+    context = [embeddings[2 * i : 2 * i + 2] for i in range(len(members))]
+    _record(members, "text_encoder_ms", start)
 
     start = time.perf_counter()
-    latents = initial_latents(params.seeds, model.manifest.latent_shape, plan.init_noise_sigma)
-    latents = denoise(model, params, plan, latents, context, times)
-    times.denoise_ms = _ms_since(start)
+    shape = model.manifest.latent_shape
+    latents = [initial_latents(m.params.seeds, shape, plan.init_noise_sigma) for m in members]
+    final = denoise(model, members, plan, latents, context)
+    _record(members, "denoise_ms", start)
 
+    done = [i for i, x in enumerate(final) if x is not None]
+    if not done:
+        return final
     start = time.perf_counter()
-    pixels = decode_latents(model, latents)
-    times.vae_decode_ms = _ms_since(start)
-    return pixels
+    pixels = decode_latents(model, np.concatenate([final[i] for i in done]))
+    _record([members[i] for i in done], "vae_decode_ms", start)
+    for i, (a, b) in zip(done, row_bounds([members[i].params.num_images for i in done]), strict=True):
+        final[i] = pixels[a:b]
+    return final
 
 
-def generate(model: ServedModel, params: GenerateParams) -> GenerateResult:
-    """The whole request: render, then encode each image in the requested format."""
-    start_total = time.perf_counter()
-    times = StageTimes()
-    pixels = render(model, params, times)
-
+def encode_images(params: GenerateParams, pixels: np.ndarray, times: StageTimes) -> list[tuple[bytes, str]]:
+    """Step 6 for one request: each image in its format, with metadata when asked."""
     start = time.perf_counter()
     images = [
         encode_image(
@@ -186,9 +274,37 @@ def generate(model: ServedModel, params: GenerateParams) -> GenerateResult:
         )
         for image, seed in zip(to_uint8(pixels), params.seeds, strict=True)
     ]
-    times.image_encode_ms = _ms_since(start)
-    times.total_ms = _ms_since(start_total)
+    times.image_encode_ms += _ms_since(start)
+    return images
+
+
+def render(model: ServedModel, params: GenerateParams, times: StageTimes | None = None) -> np.ndarray:
+    """Steps 1-5 for one request: the float images [n, H, W, 3] in 0..1."""
+    member = Solo(params, times if times is not None else StageTimes())
+    (pixels,) = render_members(model, [member])
+    return pixels
+
+
+def generate(model: ServedModel, params: GenerateParams) -> GenerateResult:
+    """One request, start to finish, on the calling thread."""
+    start = time.perf_counter()
+    times = StageTimes()
+    pixels = render(model, params, times)
+    images = encode_images(params, pixels, times)
+    times.total_ms = _ms_since(start)
     return GenerateResult(images, pixels, times)
+
+
+def row_bounds(counts: Sequence[int]) -> list[tuple[int, int]]:
+    """[start, stop) of each member's rows when their images are stacked in order."""
+    ends = np.cumsum(counts).tolist()
+    return list(zip([0, *ends[:-1]], ends, strict=True))
+
+
+def _record(members: Sequence[Member], stage: str, start: float) -> None:
+    elapsed = _ms_since(start)
+    for member in members:
+        setattr(member.times, stage, getattr(member.times, stage) + elapsed)
 
 
 def _ms_since(start: float) -> float:

@@ -1,12 +1,11 @@
-"""The gRPC DiffusionService: requests in, validated, run on the inference worker, responses out."""
+"""The gRPC DiffusionService: requests in, validated, queued for the inference worker, responses or events out."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
-from concurrent.futures import Executor
+from collections.abc import AsyncIterator, Callable, Mapping
 from importlib import metadata
 
 import grpc
@@ -16,9 +15,24 @@ from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
 from .models import ServedModel
 from .params import GenerateParams, InvalidArgument, ModelNotFound, scheduler_enum, validate
-from .pipeline import GenerateResult, generate
+from .pipeline import GenerateResult
+from .worker import (
+    DeadlineExceeded,
+    Event,
+    ImageReady,
+    InferenceWorker,
+    Job,
+    JobCancelled,
+    Progress,
+    Queued,
+    QueueFull,
+)
 
 log = logging.getLogger(__name__)
+
+# gRPC's standard trailer for "retry after this many ms"; clients with a retry policy honour it.
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+_DONE = object()
 
 
 def package_version(name: str) -> str:
@@ -29,38 +43,78 @@ def package_version(name: str) -> str:
 
 
 class DiffusionService(pb_grpc.DiffusionServiceServicer):
-    def __init__(self, models: Mapping[str, ServedModel], default_model: str, worker: Executor):
+    def __init__(self, models: Mapping[str, ServedModel], default_model: str, worker: InferenceWorker):
         self.models = models
         self.default_model = default_model
-        # One worker thread: the engines already use every core, so concurrent runs would only contend.
         self.worker = worker
+        self.draining = False
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        accepted = time.perf_counter()
+    async def _accept(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, listener: Callable[[Event], None] | None
+    ) -> Job:
+        """Validates and queues a request, or ends the call with the status that says why not."""
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; send to another replica")
         try:
             params = validate(request, self.models, self.default_model)
         except ModelNotFound as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         except InvalidArgument as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        model = self.models[params.model]
-        loop = asyncio.get_running_loop()
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        job = Job(self.models[params.model], params, deadline, listener, params.preview_interval)
         try:
-            queue_ms, result = await loop.run_in_executor(self.worker, _timed_generate, model, params, accepted)
+            self.worker.submit(job)
+        except QueueFull as e:
+            context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(e.retry_after_ms)),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        return job
+
+    async def _finish(self, job: Job, context: grpc.aio.ServicerContext) -> GenerateResult:
+        """Waits for the job; a caller that goes away cancels it, so its rows leave the batch at the next step."""
+        try:
+            return await asyncio.wrap_future(job.future)
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        except DeadlineExceeded as e:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+        except JobCancelled as e:
+            await context.abort(grpc.StatusCode.CANCELLED, str(e))
         except Exception as e:  # an engine failed: this request fails, the server lives on
-            log.exception("request %s failed", params.request_id)
+            log.exception("request %s failed", job.params.request_id)
             await context.abort(
-                grpc.StatusCode.INTERNAL, f"request {params.request_id} failed: {type(e).__name__}: {e}"
+                grpc.StatusCode.INTERNAL, f"request {job.params.request_id} failed: {type(e).__name__}: {e}"
             )
-        log.info(
-            "request %s: %d image(s), %d steps, %s, %.0f ms",
-            params.request_id,
-            params.num_images,
-            params.steps,
-            params.scheduler,
-            result.times.total_ms + queue_ms,
-        )
-        return response_for(params, result, queue_ms)
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        job = await self._accept(request, context, listener=None)
+        result = await self._finish(job, context)
+        log_done(job)
+        return response_for(job, result, with_images=True)
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateEvent]:
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def deliver(event: object) -> None:  # called on the worker thread
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        job = await self._accept(request, context, listener=deliver)
+        job.future.add_done_callback(lambda _: deliver(_DONE))
+        request_id = job.params.request_id
+        try:
+            while (event := await events.get()) is not _DONE:
+                yield event_proto(request_id, job, event)
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        result = await self._finish(job, context)
+        log_done(job)
+        yield pb.GenerateEvent(request_id=request_id, completed=response_for(job, result, with_images=False))
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -71,6 +125,7 @@ class DiffusionService(pb_grpc.DiffusionServiceServicer):
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetServerInfoResponse:
         first = self.models[self.default_model]
+        config = self.worker.config
         return pb.GetServerInfoResponse(
             version=package_version("diffuserve"),
             backend=first.backend,
@@ -80,32 +135,70 @@ class DiffusionService(pb_grpc.DiffusionServiceServicer):
             runtime_versions={
                 name: package_version(name) for name in ("onnxruntime", "onnxruntime-gpu", "grpcio", "numpy")
             },
+            queue_capacity=config.queue_capacity,
+            queue_depth=self.worker.depth,
+            batching=config.batching,
+            max_batch_wait_ms=config.max_batch_wait_ms,
         )
 
 
-def _timed_generate(model: ServedModel, params: GenerateParams, accepted: float) -> tuple[float, GenerateResult]:
-    queue_ms = (time.perf_counter() - accepted) * 1e3
-    return queue_ms, generate(model, params)
+def log_done(job: Job) -> None:
+    p = job.params
+    log.info(
+        "request %s: %d image(s), %d steps, %s, batch of %d, %.0f ms",
+        p.request_id,
+        p.num_images,
+        p.steps,
+        p.scheduler,
+        job.batch_size,
+        job.times.total_ms,
+    )
 
 
-def response_for(params: GenerateParams, result: GenerateResult, queue_ms: float) -> pb.GenerateResponse:
-    times = result.times
+def image_proto(params: GenerateParams, index: int, data: bytes, mime_type: str) -> pb.Image:
+    return pb.Image(
+        data=data, mime_type=mime_type, seed=params.seeds[index], width=params.width, height=params.height, index=index
+    )
+
+
+def event_proto(request_id: str, job: Job, event: Event) -> pb.GenerateEvent:
+    if isinstance(event, Queued):
+        return pb.GenerateEvent(request_id=request_id, queued=pb.Queued(position=event.position, depth=event.depth))
+    if isinstance(event, Progress):
+        shape = job.model.manifest.latent_shape
+        previews = [
+            pb.Image(
+                data=data, mime_type="image/png", seed=job.params.seeds[i], width=shape[2], height=shape[1], index=i
+            )
+            for i, data in enumerate(event.previews)
+        ]
+        progress = pb.Progress(step=event.step, total=event.total, eta_ms=event.eta_ms, previews=previews)
+        return pb.GenerateEvent(request_id=request_id, progress=progress)
+    if isinstance(event, ImageReady):
+        return pb.GenerateEvent(
+            request_id=request_id, image=image_proto(job.params, event.index, event.data, event.mime_type)
+        )
+    raise TypeError(f"unknown event {event!r}")
+
+
+def response_for(job: Job, result: GenerateResult, with_images: bool) -> pb.GenerateResponse:
+    params, times = job.params, result.times
+    images = (
+        [image_proto(params, i, data, mime) for i, (data, mime) in enumerate(result.images)] if with_images else []
+    )
     return pb.GenerateResponse(
         request_id=params.request_id,
         model=params.model,
-        images=[
-            pb.Image(data=data, mime_type=mime, seed=seed, width=params.width, height=params.height)
-            for (data, mime), seed in zip(result.images, params.seeds, strict=True)
-        ],
+        images=images,
         timings=pb.Timings(
-            queue_ms=queue_ms,
+            queue_ms=times.queue_ms,
             text_encoder_ms=times.text_encoder_ms,
             denoise_ms=times.denoise_ms,
             unet_ms=times.unet_ms,
             vae_decode_ms=times.vae_decode_ms,
             image_encode_ms=times.image_encode_ms,
-            total_ms=queue_ms + times.total_ms,
-            batch_size=params.num_images,
+            total_ms=times.total_ms,
+            batch_size=job.batch_size,
         ),
         steps=params.steps,
         guidance_scale=params.guidance_scale,
@@ -121,7 +214,8 @@ def model_info(model: ServedModel) -> pb.ModelInfo:
         prediction_type=model.scheduler_config.prediction_type,
         width=manifest.width,
         height=manifest.height,
-        batch_size=manifest.batch_size,
+        batch_size=max(model.batch_sizes),
+        batch_sizes=model.batch_sizes,
         schedulers=[scheduler_enum(s) for s in model.schedulers],
         default_scheduler=scheduler_enum(model.default_scheduler),
         default_steps=model.defaults.steps,

@@ -25,7 +25,8 @@ def tiny_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_export(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("exported") / TINY_NAME
-    export_model(tiny_source, out, ExportOptions(height=TINY_SIZE, width=TINY_SIZE, batch=1, name=TINY_NAME))
+    # Two batch sizes, so batching and the choice of the smallest engine that fits are exercised.
+    export_model(tiny_source, out, ExportOptions(height=TINY_SIZE, width=TINY_SIZE, batches=(1, 2), name=TINY_NAME))
     return out
 
 

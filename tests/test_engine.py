@@ -16,7 +16,7 @@ from diffuserve.engine.ort import BackendUnavailableError, OrtEngine, resolve_ba
 
 @pytest.fixture(scope="module")
 def vae_decoder(tiny_export: Path) -> OrtEngine:
-    record = Manifest.load(tiny_export).components["vae_decoder"]
+    record = Manifest.load(tiny_export).record("vae_decoder")
     return OrtEngine(record.spec, tiny_export / record.onnx_file, "cpu")
 
 
@@ -46,7 +46,7 @@ def test_bad_feeds_are_refused_naming_name_shape_and_dtype(vae_decoder: OrtEngin
 
 def test_cuda_requested_without_a_working_cuda_is_an_error(tiny_export: Path) -> None:
     # This machine has no GPU: ORT would quietly run on the CPU; the engine must refuse instead.
-    record = Manifest.load(tiny_export).components["vae_decoder"]
+    record = Manifest.load(tiny_export).record("vae_decoder")
     with pytest.raises(BackendUnavailableError, match="CUDAExecutionProvider"):
         OrtEngine(record.spec, tiny_export / record.onnx_file, "cuda")
 

@@ -22,10 +22,10 @@ from diffuserve.export.wrappers import UNet
 def test_manifest_records_every_component_with_parity_and_versions(tiny_export: Path) -> None:
     manifest = Manifest.load(tiny_export)
     assert set(manifest.components) == set(COMPONENTS)
-    assert (manifest.height, manifest.width, manifest.batch_size) == (128, 128, 1)
+    assert (manifest.height, manifest.width, manifest.batch_sizes) == (128, 128, (1, 2))
     assert manifest.latent_shape == (4, 16, 16)
     assert manifest.vae_scaling_factor == pytest.approx(0.18215)
-    for record in manifest.components.values():
+    for record in (r for records in manifest.components.values() for r in records):
         assert record.parity["max_abs_diff"] <= record.parity["tolerance"] * record.parity["reference_scale"]
         assert (tiny_export / record.onnx_file).is_file()
     assert {"torch", "diffusers", "onnxruntime", "onnx"} <= set(manifest.versions)
@@ -35,14 +35,17 @@ def test_manifest_records_every_component_with_parity_and_versions(tiny_export: 
 
 
 def test_unet_runs_at_twice_the_batch_for_guidance(tiny_export: Path) -> None:
-    unet = Manifest.load(tiny_export).components["unet"].spec
-    assert [t.shape[0] for t in unet.inputs] == [2, 2, 2]
+    manifest = Manifest.load(tiny_export)
+    for batch in (1, 2):
+        assert [t.shape[0] for t in manifest.record("unet", batch).spec.inputs] == [2 * batch] * 3
+        assert manifest.record("vae_decoder", batch).spec.batch_size == batch
+    unet = manifest.record("unet").spec
     assert unet.inputs[1].dtype == "float32"  # fractional Euler timesteps must survive
 
 
 def test_onnx_graph_names_and_shapes_match_the_spec(tiny_export: Path) -> None:
     manifest = Manifest.load(tiny_export)
-    for name, record in manifest.components.items():
+    for name, record in ((name, r) for name, records in manifest.components.items() for r in records):
         graph = onnx.load(tiny_export / record.onnx_file, load_external_data=False).graph
 
         def shapes(values):
@@ -89,7 +92,7 @@ def test_parity_gate_measures_drift_against_pytorch(tiny_source: Path, tiny_expo
     from diffusers import UNet2DConditionModel
 
     manifest = Manifest.load(tiny_export)
-    record = manifest.components["unet"]
+    record = manifest.record("unet")
     engine = OrtEngine(record.spec, tiny_export / record.onnx_file, "cpu")
     unet = UNet(UNet2DConditionModel.from_pretrained(tiny_source / "unet")).eval()
     feeds = random_feeds(record.spec, vocab_size=1000, num_train_timesteps=1000)
@@ -101,9 +104,15 @@ def test_parity_gate_measures_drift_against_pytorch(tiny_source: Path, tiny_expo
 
 def test_export_fails_naming_the_component_over_tolerance(tiny_source: Path, tmp_path: Path) -> None:
     # A tolerance no real export meets: the first component must fail the gate with its figures.
-    with pytest.raises(ParityError, match=r"text_encoder: ONNX Runtime differs from PyTorch by \S+, over the allowed"):
+    expected = r"text_encoder \(batch 1\): ONNX Runtime differs from PyTorch by \S+, over the allowed"
+    with pytest.raises(ParityError, match=expected):
         export_model(tiny_source, tmp_path / "out", ExportOptions(height=128, width=128, parity_tolerance=1e-30))
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_batch_sizes_must_be_positive() -> None:
+    with pytest.raises(ValueError, match=r"--batch values must be positive integers, got \[0\]"):
+        ExportOptions(batches=(0,))
 
 
 def test_manifest_round_trips_and_rejects_other_format_versions(tiny_export: Path, tmp_path: Path) -> None:
@@ -117,6 +126,6 @@ def test_manifest_round_trips_and_rejects_other_format_versions(tiny_export: Pat
 
 
 def test_random_feeds_follow_the_spec(tiny_export: Path) -> None:
-    spec = Manifest.load(tiny_export).components["text_encoder"].spec
+    spec = Manifest.load(tiny_export).record("text_encoder").spec
     feeds = random_feeds(spec, vocab_size=1000, num_train_timesteps=1000)
     assert feeds["input_ids"].dtype == np.int32 and feeds["input_ids"].max() < 1000

@@ -20,7 +20,8 @@ FAST = {"prompt": "a green square", "steps": 2}
 
 def test_list_models_describes_the_served_model(stub) -> None:
     (model,) = stub.ListModels(pb.ListModelsRequest()).models
-    assert (model.name, model.width, model.height, model.batch_size) == ("tiny-sd", 128, 128, 1)
+    assert (model.name, model.width, model.height, model.batch_size) == ("tiny-sd", 128, 128, 2)
+    assert list(model.batch_sizes) == [1, 2]
     assert set(model.schedulers) == {pb.SCHEDULER_EULER, pb.SCHEDULER_DDIM}
     assert model.default_scheduler == pb.SCHEDULER_EULER
     assert model.backend == "cpu" and model.prediction_type == "epsilon"

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64iffuserve/v1/diffusion.proto\x12\rdiffuserve.v1\"\xe7\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x04 \x01(\t\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x12\n\nnum_images\x18\x07 \x01(\x05\x12\r\n\x05steps\x18\x08 \x01(\x05\x12\x1b\n\x0eguidance_scale\x18\t \x01(\x02H\x00\x88\x01\x01\x12+\n\tscheduler\x18\n \x01(\x0e\x32\x18.diffuserve.v1.Scheduler\x12\r\n\x05seeds\x18\x0b \x03(\x04\x12\x31\n\routput_format\x18\x0c \x01(\x0e\x32\x1a.diffuserve.v1.ImageFormat\x12\x0f\n\x07quality\x18\r \x01(\x05\x12\x16\n\x0e\x65mbed_metadata\x18\x0e \x01(\x08\x42\x11\n\x0f_guidance_scale\"U\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\"\xaf\x01\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x17\n\x0ftext_encoder_ms\x18\x02 \x01(\x01\x12\x12\n\ndenoise_ms\x18\x03 \x01(\x01\x12\x0f\n\x07unet_ms\x18\x04 \x01(\x01\x12\x15\n\rvae_decode_ms\x18\x05 \x01(\x01\x12\x17\n\x0fimage_encode_ms\x18\x06 \x01(\x01\x12\x10\n\x08total_ms\x18\x07 \x01(\x01\x12\x12\n\nbatch_size\x18\x08 \x01(\x05\"\xd8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12$\n\x06images\x18\x03 \x03(\x0b\x32\x14.diffuserve.v1.Image\x12\'\n\x07timings\x18\x04 \x01(\x0b\x32\x16.diffuserve.v1.Timings\x12\r\n\x05steps\x18\x05 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x06 \x01(\x02\x12+\n\tscheduler\x18\x07 \x01(\x0e\x32\x18.diffuserve.v1.Scheduler\"\x13\n\x11ListModelsRequest\"\xda\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x17\n\x0fprediction_type\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\x12,\n\nschedulers\x18\x07 \x03(\x0e\x32\x18.diffuserve.v1.Scheduler\x12\x33\n\x11\x64\x65\x66\x61ult_scheduler\x18\x08 \x01(\x0e\x32\x18.diffuserve.v1.Scheduler\x12\x15\n\rdefault_steps\x18\t \x01(\x05\x12\x1e\n\x16\x64\x65\x66\x61ult_guidance_scale\x18\n \x01(\x02\x12\x11\n\tmax_steps\x18\x0b \x01(\x05\x12\x12\n\nmax_images\x18\x0c \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\r \x01(\t\x12\x11\n\tprecision\x18\x0e \x01(\t\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.diffuserve.v1.ModelInfo\"\x16\n\x14GetServerInfoRequest\"\x80\x02\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x11\n\tproviders\x18\x03 \x03(\t\x12\x15\n\rdefault_model\x18\x04 \x01(\t\x12\x0e\n\x06models\x18\x05 \x03(\t\x12S\n\x10runtime_versions\x18\x06 \x03(\x0b\x32\x39.diffuserve.v1.GetServerInfoResponse.RuntimeVersionsEntry\x1a\x36\n\x14RuntimeVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*O\n\tScheduler\x12\x19\n\x15SCHEDULER_UNSPECIFIED\x10\x00\x12\x13\n\x0fSCHEDULER_EULER\x10\x01\x12\x12\n\x0eSCHEDULER_DDIM\x10\x02*o\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x01\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x02\x12\x15\n\x11IMAGE_FORMAT_WEBP\x10\x03\x32\x8e\x02\n\x10\x44iffusionService\x12K\n\x08Generate\x12\x1e.diffuserve.v1.GenerateRequest\x1a\x1f.diffuserve.v1.GenerateResponse\x12Q\n\nListModels\x12 .diffuserve.v1.ListModelsRequest\x1a!.diffuserve.v1.ListModelsResponse\x12Z\n\rGetServerInfo\x12#.diffuserve.v1.GetServerInfoRequest\x1a$.diffuserve.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64iffuserve/v1/diffusion.proto\x12\rdiffuserve.v1\"\x81\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06prompt\x18\x03 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x04 \x01(\t\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x12\n\nnum_images\x18\x07 \x01(\x05\x12\r\n\x05steps\x18\x08 \x01(\x05\x12\x1b\n\x0eguidance_scale\x18\t \x01(\x02H\x00\x88\x01\x01\x12+\n\tscheduler\x18\n \x01(\x0e\x32\x18.diffuserve.v1.Scheduler\x12\r\n\x05seeds\x18\x0b \x03(\x04\x12\x31\n\routput_format\x18\x0c \x01(\x0e\x32\x1a.diffuserve.v1.ImageFormat\x12\x0f\n\x07quality\x18\r \x01(\x05\x12\x16\n\x0e\x65mbed_metadata\x18\x0e \x01(\x08\x12\x18\n\x10preview_interval\x18\x0f \x01(\x05\x42\x11\n\x0f_guidance_scale\"d\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\r\n\x05index\x18\x06 \x01(\x05\"\xaf\x01\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x17\n\x0ftext_encoder_ms\x18\x02 \x01(\x01\x12\x12\n\ndenoise_ms\x18\x03 \x01(\x01\x12\x0f\n\x07unet_ms\x18\x04 \x01(\x01\x12\x15\n\rvae_decode_ms\x18\x05 \x01(\x01\x12\x17\n\x0fimage_encode_ms\x18\x06 \x01(\x01\x12\x10\n\x08total_ms\x18\x07 \x01(\x01\x12\x12\n\nbatch_size\x18\x08 \x01(\x05\"\xd8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12$\n\x06images\x18\x03 \x03(\x0b\x32\x14.diffuserve.v1.Image\x12\'\n\x07timings\x18\x04 \x01(\x0b\x32\x16.diffuserve.v1.Timings\x12\r\n\x05steps\x18\x05 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x06 \x01(\x02\x12+\n\tscheduler\x18\x07 \x01(\x0e\x32\x18.diffuserve.v1.Scheduler\"\xdf\x01\n\rGenerateEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x06queued\x18\x02 \x01(\x0b\x32\x15.diffuserve.v1.QueuedH\x00\x12+\n\x08progress\x18\x03 \x01(\x0b\x32\x17.diffuserve.v1.ProgressH\x00\x12%\n\x05image\x18\x04 \x01(\x0b\x32\x14.diffuserve.v1.ImageH\x00\x12\x34\n\tcompleted\x18\x05 \x01(\x0b\x32\x1f.diffuserve.v1.GenerateResponseH\x00\x42\x07\n\x05\x65vent\")\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\x05\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\x05\"_\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05total\x18\x02 \x01(\x05\x12\x0e\n\x06\x65ta_ms\x18\x03 \x01(\x01\x12&\n\x08previews\x18\x04 \x03(\x0b\x32\x14.diffuserve.v1.Image\"\x13\n\x11ListModelsRequest\"\xef\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x17\n\x0fprediction_type\x18\x03 \x01(\t\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\x12,\n\nschedulers\x18\x07 \x03(\x0e\x32\x18.diffuserve.v1.Scheduler\x12\x33\n\x11\x64\x65\x66\x61ult_scheduler\x18\x08 \x01(\x0e\x32\x18.diffuserve.v1.Scheduler\x12\x15\n\rdefault_steps\x18\t \x01(\x05\x12\x1e\n\x16\x64\x65\x66\x61ult_guidance_scale\x18\n \x01(\x02\x12\x11\n\tmax_steps\x18\x0b \x01(\x05\x12\x12\n\nmax_images\x18\x0c \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\r \x01(\t\x12\x11\n\tprecision\x18\x0e \x01(\t\x12\x13\n\x0b\x62\x61tch_sizes\x18\x0f \x03(\x05\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.diffuserve.v1.ModelInfo\"\x16\n\x14GetServerInfoRequest\"\xda\x02\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x11\n\tproviders\x18\x03 \x03(\t\x12\x15\n\rdefault_model\x18\x04 \x01(\t\x12\x0e\n\x06models\x18\x05 \x03(\t\x12S\n\x10runtime_versions\x18\x06 \x03(\x0b\x32\x39.diffuserve.v1.GetServerInfoResponse.RuntimeVersionsEntry\x12\x16\n\x0equeue_capacity\x18\x07 \x01(\x05\x12\x13\n\x0bqueue_depth\x18\x08 \x01(\x05\x12\x10\n\x08\x62\x61tching\x18\t \x01(\x08\x12\x19\n\x11max_batch_wait_ms\x18\n \x01(\x01\x1a\x36\n\x14RuntimeVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*O\n\tScheduler\x12\x19\n\x15SCHEDULER_UNSPECIFIED\x10\x00\x12\x13\n\x0fSCHEDULER_EULER\x10\x01\x12\x12\n\x0eSCHEDULER_DDIM\x10\x02*o\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x01\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x02\x12\x15\n\x11IMAGE_FORMAT_WEBP\x10\x03\x32\xe0\x02\n\x10\x44iffusionService\x12K\n\x08Generate\x12\x1e.diffuserve.v1.GenerateRequest\x1a\x1f.diffuserve.v1.GenerateResponse\x12P\n\x0eGenerateStream\x12\x1e.diffuserve.v1.GenerateRequest\x1a\x1c.diffuserve.v1.GenerateEvent0\x01\x12Q\n\nListModels\x12 .diffuserve.v1.ListModelsRequest\x1a!.diffuserve.v1.ListModelsResponse\x12Z\n\rGetServerInfo\x12#.diffuserve.v1.GetServerInfoRequest\x1a$.diffuserve.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,30 +33,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETSERVERINFORESPONSE_RUNTIMEVERSIONSENTRY']._loaded_options = None
   _globals['_GETSERVERINFORESPONSE_RUNTIMEVERSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_SCHEDULER']._serialized_start=1611
-  _globals['_SCHEDULER']._serialized_end=1690
-  _globals['_IMAGEFORMAT']._serialized_start=1692
-  _globals['_IMAGEFORMAT']._serialized_end=1803
+  _globals['_SCHEDULER']._serialized_start=2129
+  _globals['_SCHEDULER']._serialized_end=2208
+  _globals['_IMAGEFORMAT']._serialized_start=2210
+  _globals['_IMAGEFORMAT']._serialized_end=2321
   _globals['_GENERATEREQUEST']._serialized_start=49
-  _globals['_GENERATEREQUEST']._serialized_end=408
-  _globals['_IMAGE']._serialized_start=410
-  _globals['_IMAGE']._serialized_end=495
-  _globals['_TIMINGS']._serialized_start=498
-  _globals['_TIMINGS']._serialized_end=673
-  _globals['_GENERATERESPONSE']._serialized_start=676
-  _globals['_GENERATERESPONSE']._serialized_end=892
-  _globals['_LISTMODELSREQUEST']._serialized_start=894
-  _globals['_LISTMODELSREQUEST']._serialized_end=913
-  _globals['_MODELINFO']._serialized_start=916
-  _globals['_MODELINFO']._serialized_end=1262
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1264
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1326
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1328
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1350
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=1353
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=1609
-  _globals['_GETSERVERINFORESPONSE_RUNTIMEVERSIONSENTRY']._serialized_start=1555
-  _globals['_GETSERVERINFORESPONSE_RUNTIMEVERSIONSENTRY']._serialized_end=1609
-  _globals['_DIFFUSIONSERVICE']._serialized_start=1806
-  _globals['_DIFFUSIONSERVICE']._serialized_end=2076
+  _globals['_GENERATEREQUEST']._serialized_end=434
+  _globals['_IMAGE']._serialized_start=436
+  _globals['_IMAGE']._serialized_end=536
+  _globals['_TIMINGS']._serialized_start=539
+  _globals['_TIMINGS']._serialized_end=714
+  _globals['_GENERATERESPONSE']._serialized_start=717
+  _globals['_GENERATERESPONSE']._serialized_end=933
+  _globals['_GENERATEEVENT']._serialized_start=936
+  _globals['_GENERATEEVENT']._serialized_end=1159
+  _globals['_QUEUED']._serialized_start=1161
+  _globals['_QUEUED']._serialized_end=1202
+  _globals['_PROGRESS']._serialized_start=1204
+  _globals['_PROGRESS']._serialized_end=1299
+  _globals['_LISTMODELSREQUEST']._serialized_start=1301
+  _globals['_LISTMODELSREQUEST']._serialized_end=1320
+  _globals['_MODELINFO']._serialized_start=1323
+  _globals['_MODELINFO']._serialized_end=1690
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1692
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1754
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1756
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1778
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=1781
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=2127
+  _globals['_GETSERVERINFORESPONSE_RUNTIMEVERSIONSENTRY']._serialized_start=2073
+  _globals['_GETSERVERINFORESPONSE_RUNTIMEVERSIONSENTRY']._serialized_end=2127
+  _globals['_DIFFUSIONSERVICE']._serialized_start=2324
+  _globals['_DIFFUSIONSERVICE']._serialized_end=2676
 # @@protoc_insertion_point(module_scope)

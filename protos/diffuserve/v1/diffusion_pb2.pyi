@@ -28,7 +28,7 @@ IMAGE_FORMAT_JPEG: ImageFormat
 IMAGE_FORMAT_WEBP: ImageFormat
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "request_id", "prompt", "negative_prompt", "width", "height", "num_images", "steps", "guidance_scale", "scheduler", "seeds", "output_format", "quality", "embed_metadata")
+    __slots__ = ("model", "request_id", "prompt", "negative_prompt", "width", "height", "num_images", "steps", "guidance_scale", "scheduler", "seeds", "output_format", "quality", "embed_metadata", "preview_interval")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class GenerateRequest(_message.Message):
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     EMBED_METADATA_FIELD_NUMBER: _ClassVar[int]
+    PREVIEW_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     model: str
     request_id: str
     prompt: str
@@ -57,21 +58,24 @@ class GenerateRequest(_message.Message):
     output_format: ImageFormat
     quality: int
     embed_metadata: bool
-    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[_Union[Scheduler, str]] = ..., seeds: _Optional[_Iterable[int]] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., quality: _Optional[int] = ..., embed_metadata: _Optional[bool] = ...) -> None: ...
+    preview_interval: int
+    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[_Union[Scheduler, str]] = ..., seeds: _Optional[_Iterable[int]] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., quality: _Optional[int] = ..., embed_metadata: _Optional[bool] = ..., preview_interval: _Optional[int] = ...) -> None: ...
 
 class Image(_message.Message):
-    __slots__ = ("data", "mime_type", "seed", "width", "height")
+    __slots__ = ("data", "mime_type", "seed", "width", "height", "index")
     DATA_FIELD_NUMBER: _ClassVar[int]
     MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     mime_type: str
     seed: int
     width: int
     height: int
-    def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+    index: int
+    def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_ms", "text_encoder_ms", "denoise_ms", "unet_ms", "vae_decode_ms", "image_encode_ms", "total_ms", "batch_size")
@@ -111,12 +115,46 @@ class GenerateResponse(_message.Message):
     scheduler: Scheduler
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[_Union[Scheduler, str]] = ...) -> None: ...
 
+class GenerateEvent(_message.Message):
+    __slots__ = ("request_id", "queued", "progress", "image", "completed")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    queued: Queued
+    progress: Progress
+    image: Image
+    completed: GenerateResponse
+    def __init__(self, request_id: _Optional[str] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., image: _Optional[_Union[Image, _Mapping]] = ..., completed: _Optional[_Union[GenerateResponse, _Mapping]] = ...) -> None: ...
+
+class Queued(_message.Message):
+    __slots__ = ("position", "depth")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    depth: int
+    def __init__(self, position: _Optional[int] = ..., depth: _Optional[int] = ...) -> None: ...
+
+class Progress(_message.Message):
+    __slots__ = ("step", "total", "eta_ms", "previews")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ETA_MS_FIELD_NUMBER: _ClassVar[int]
+    PREVIEWS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    total: int
+    eta_ms: float
+    previews: _containers.RepeatedCompositeFieldContainer[Image]
+    def __init__(self, step: _Optional[int] = ..., total: _Optional[int] = ..., eta_ms: _Optional[float] = ..., previews: _Optional[_Iterable[_Union[Image, _Mapping]]] = ...) -> None: ...
+
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "prediction_type", "width", "height", "batch_size", "schedulers", "default_scheduler", "default_steps", "default_guidance_scale", "max_steps", "max_images", "backend", "precision")
+    __slots__ = ("name", "family", "prediction_type", "width", "height", "batch_size", "schedulers", "default_scheduler", "default_steps", "default_guidance_scale", "max_steps", "max_images", "backend", "precision", "batch_sizes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +169,7 @@ class ModelInfo(_message.Message):
     MAX_IMAGES_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     prediction_type: str
@@ -145,7 +184,8 @@ class ModelInfo(_message.Message):
     max_images: int
     backend: str
     precision: str
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., prediction_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., batch_size: _Optional[int] = ..., schedulers: _Optional[_Iterable[_Union[Scheduler, str]]] = ..., default_scheduler: _Optional[_Union[Scheduler, str]] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., max_steps: _Optional[int] = ..., max_images: _Optional[int] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ...) -> None: ...
+    batch_sizes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., prediction_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., batch_size: _Optional[int] = ..., schedulers: _Optional[_Iterable[_Union[Scheduler, str]]] = ..., default_scheduler: _Optional[_Union[Scheduler, str]] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., max_steps: _Optional[int] = ..., max_images: _Optional[int] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., batch_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -158,7 +198,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("version", "backend", "providers", "default_model", "models", "runtime_versions")
+    __slots__ = ("version", "backend", "providers", "default_model", "models", "runtime_versions", "queue_capacity", "queue_depth", "batching", "max_batch_wait_ms")
     class RuntimeVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -172,10 +212,18 @@ class GetServerInfoResponse(_message.Message):
     DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     version: str
     backend: str
     providers: _containers.RepeatedScalarFieldContainer[str]
     default_model: str
     models: _containers.RepeatedScalarFieldContainer[str]
     runtime_versions: _containers.ScalarMap[str, str]
-    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., default_model: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., runtime_versions: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    queue_capacity: int
+    queue_depth: int
+    batching: bool
+    max_batch_wait_ms: float
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., default_model: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., runtime_versions: _Optional[_Mapping[str, str]] = ..., queue_capacity: _Optional[int] = ..., queue_depth: _Optional[int] = ..., batching: _Optional[bool] = ..., max_batch_wait_ms: _Optional[float] = ...) -> None: ...

@@ -40,6 +40,11 @@ class DiffusionServiceStub:
                 request_serializer=diffuserve_dot_v1_dot_diffusion__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=diffuserve_dot_v1_dot_diffusion__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateStream = channel.unary_stream(
+                '/diffuserve.v1.DiffusionService/GenerateStream',
+                request_serializer=diffuserve_dot_v1_dot_diffusion__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=diffuserve_dot_v1_dot_diffusion__pb2.GenerateEvent.FromString,
+                _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/diffuserve.v1.DiffusionService/ListModels',
                 request_serializer=diffuserve_dot_v1_dot_diffusion__pb2.ListModelsRequest.SerializeToString,
@@ -58,6 +63,13 @@ class DiffusionServiceServicer:
 
     def Generate(self, request, context):
         """Generates images for one prompt; answers when all are encoded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateStream(self, request, context):
+        """The same work as Generate, reported as it happens: queued, progress per step, each image, completed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -84,6 +96,11 @@ def add_DiffusionServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=diffuserve_dot_v1_dot_diffusion__pb2.GenerateRequest.FromString,
                     response_serializer=diffuserve_dot_v1_dot_diffusion__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=diffuserve_dot_v1_dot_diffusion__pb2.GenerateRequest.FromString,
+                    response_serializer=diffuserve_dot_v1_dot_diffusion__pb2.GenerateEvent.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -124,6 +141,33 @@ class DiffusionService:
             '/diffuserve.v1.DiffusionService/Generate',
             diffuserve_dot_v1_dot_diffusion__pb2.GenerateRequest.SerializeToString,
             diffuserve_dot_v1_dot_diffusion__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/diffuserve.v1.DiffusionService/GenerateStream',
+            diffuserve_dot_v1_dot_diffusion__pb2.GenerateRequest.SerializeToString,
+            diffuserve_dot_v1_dot_diffusion__pb2.GenerateEvent.FromString,
             options,
             channel_credentials,
             insecure,

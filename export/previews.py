@@ -1,0 +1,28 @@
+"""The latent-to-RGB map behind streaming previews, fitted to the model's own VAE at export."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def fit_latent_rgb(vae, height: int, width: int, samples: int = 16, seed: int = 0) -> tuple[tuple[float, ...], ...]:
+    """Least-squares fit of each latent pixel (unscaled, plus a bias) to the colour of the image patch it encodes.
+
+    The images are random colour fields at latent resolution, upsampled: flat patches whose colour the latent
+    must carry, which is all a preview needs to show.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    downsample = 2 ** (len(vae.config.block_out_channels) - 1)
+    h, w = height // downsample, width // downsample
+    colours = torch.rand(samples, 3, h // 2, w // 2, generator=generator)
+    images = F.interpolate(colours, size=(height, width), mode="nearest")
+    latents = vae.encode(images * 2 - 1).latent_dist.mean
+    targets = F.avg_pool2d(images, downsample)
+    x = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]).double().numpy()
+    y = targets.permute(0, 2, 3, 1).reshape(-1, 3).double().numpy()
+    x = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+    solution, *_ = np.linalg.lstsq(x, y, rcond=None)
+    return tuple(tuple(float(v) for v in row) for row in solution)
