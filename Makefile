@@ -47,7 +47,7 @@ model: install
 
 # Re-exports the committed weights into the package (a test checks the shipped files agree with them).
 bundle: install
-	$(BIN)/diffuserve export models/shapes-sd -o $(BUNDLED) --height 64 --width 64 --batch 1 --name shapes \
+	$(BIN)/diffuserve export models/shapes-sd -o $(BUNDLED) --height 64 --width 64 --batch 1 --batch 4 --name shapes \
 		--default-steps 20 --default-guidance 3
 	$(BIN)/diffuserve gallery -o docs/gallery.png
 

@@ -24,6 +24,7 @@ from diffuserve.engine.ort import OrtEngine
 
 from .parity import DEFAULT_TOLERANCE, ParityError, check_parity, random_feeds
 from .previews import fit_latent_rgb
+from .shared_weights import share_weights
 from .specs import ModelDims, component_specs
 from .wrappers import wrap_components
 
@@ -134,7 +135,8 @@ def export_onnx(module: nn.Module, spec: ComponentSpec, feeds: dict, path: Path)
     chatter = io.StringIO()
     with torch.no_grad(), warnings.catch_warnings(), redirect_stdout(chatter), redirect_stderr(chatter):
         warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        for noisy in ("torch.onnx", "onnx_ir", "onnxscript"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
         torch.onnx.export(
             module,
             args,
@@ -211,6 +213,11 @@ def export_model(
                 f"allowed {parity.tolerance:g} x {parity.reference_scale:.3g}; the export is not usable"
             )
         records[name].append(ComponentRecord(spec, onnx_file, batch, parity.to_dict()))
+
+    for name, variants in records.items():
+        freed = sum(share_weights(out / variants[0].onnx_file, out / v.onnx_file) for v in variants[1:])
+        if freed:
+            report(f"{name}: {len(variants)} batch sizes share one copy of the weights ({freed / 2**20:.1f} MB saved)")
 
     shutil.copytree(src / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
     (out / "scheduler").mkdir(exist_ok=True)

@@ -43,6 +43,14 @@ def test_unet_runs_at_twice_the_batch_for_guidance(tiny_export: Path) -> None:
     assert unet.inputs[1].dtype == "float32"  # fractional Euler timesteps must survive
 
 
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_batch_sizes_share_one_copy_of_the_weights(tiny_export: Path, component: str) -> None:
+    folder = tiny_export / component
+    weights = (folder / "model_b1.onnx.data").stat().st_size
+    own = folder / "model_b2.onnx.data"  # only constants folded for batch 2 may live here
+    assert not own.exists() or own.stat().st_size < 0.1 * weights
+
+
 def test_onnx_graph_names_and_shapes_match_the_spec(tiny_export: Path) -> None:
     manifest = Manifest.load(tiny_export)
     for name, record in ((name, r) for name, records in manifest.components.items() for r in records):

@@ -1,0 +1,103 @@
+"""The bundled shapes model: it draws what it is asked, and the shipped files are the committed weights' export."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffuserve.engine.manifest import Manifest
+from diffuserve.engine.ort import OrtEngine
+from diffuserve.export.exporter import ExportOptions, export_model, source_hash
+from diffuserve.export.parity import random_feeds
+from diffuserve.export.reference import load_reference_pipeline, reference_images
+from diffuserve.server.evaluate import TARGETS, evaluate
+from diffuserve.server.models import BUNDLED_MODEL, load_model
+from diffuserve.server.params import GenerateParams
+from diffuserve.server.pipeline import initial_latents, render
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "shapes-sd"
+
+
+@pytest.fixture(scope="module")
+def manifest() -> Manifest:
+    return Manifest.load(BUNDLED_MODEL)
+
+
+def test_served_drawings_meet_the_quality_bar_for_every_sampler() -> None:
+    results = evaluate(BUNDLED_MODEL, count=100)
+    assert set(results) == {"euler", "ddim"}
+    for sampler, scores in results.items():
+        for attribute, target in TARGETS.items():
+            assert scores[attribute] >= target, (sampler, attribute, scores)
+
+
+def test_shipped_files_are_the_export_of_the_committed_weights(manifest: Manifest, tmp_path: Path) -> None:
+    assert manifest.source["sha256"] == source_hash(WEIGHTS)
+    fresh = export_model(
+        WEIGHTS,
+        tmp_path / "shapes",
+        ExportOptions(height=manifest.height, width=manifest.width, batches=manifest.batch_sizes, name=manifest.name),
+    )
+    for name, shipped in ((name, r) for name, records in manifest.components.items() for r in records):
+        assert fresh.record(name, shipped.batch).spec == shipped.spec
+        feeds = random_feeds(shipped.spec, vocab_size=49408, num_train_timesteps=1000)
+        ours = OrtEngine(shipped.spec, BUNDLED_MODEL / shipped.onnx_file, "cpu").run(feeds)
+        theirs = OrtEngine(shipped.spec, tmp_path / "shapes" / shipped.onnx_file, "cpu").run(feeds)
+        for output in ours:
+            scale = max(1.0, float(np.abs(theirs[output]).max()))
+            assert np.abs(ours[output] - theirs[output]).max() <= 1e-4 * scale, (name, output)
+
+
+def test_bundled_model_records_its_own_defaults(manifest: Manifest) -> None:
+    model = load_model(BUNDLED_MODEL, backend="cpu")
+    assert model.default_scheduler == "ddim"
+    assert (model.defaults.steps, model.defaults.guidance_scale) == (20, 3.0)
+    assert (manifest.width, manifest.height) == (64, 64)
+
+
+def test_bundled_model_matches_diffusers_on_its_weights() -> None:
+    model = load_model(BUNDLED_MODEL, backend="cpu")
+    params = GenerateParams(
+        model=model.name,
+        request_id="parity",
+        prompt="a small green triangle at the top left on white",
+        negative_prompt="",
+        width=64,
+        height=64,
+        seeds=(3, 8),
+        steps=20,
+        guidance_scale=3.0,
+        scheduler="ddim",
+        output_format="png",
+        quality=90,
+        embed_metadata=False,
+    )
+    noise = initial_latents(params.seeds, model.manifest.latent_shape, 1.0)
+    pipe = load_reference_pipeline(WEIGHTS, "ddim")
+    reference = reference_images(pipe, params.prompt, "", noise, params.steps, params.guidance_scale)
+    assert np.abs(render(model, params) - reference).max() <= 1e-4
+
+
+BLOCK_EXPORT_STACK = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "diffusers", "optimum"):
+            raise ImportError(f"{name} must not be needed to serve")
+sys.meta_path.insert(0, Block())
+from diffuserve.server.cli import main
+sys.exit(main(["demo", "-o", sys.argv[1]]))
+"""
+
+
+def test_demo_runs_the_bundled_model_without_torch(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCK_EXPORT_STACK, str(tmp_path / "demo.png")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "demo.png").stat().st_size > 0
+    assert "wrote" in result.stdout
