@@ -127,6 +127,9 @@ class InferenceWorker:
         self._lock = threading.Condition()
         self._running: list[Job] = []
         self._stopping = False
+        # Set when a request arrives while a batch runs: evidence of concurrent callers, the only time waiting for
+        # company can pay off. A lone caller never waits.
+        self._contended = False
         self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
         # Milliseconds per job, smoothed: the basis of the retry hint.
         self._job_ms = 1000.0
@@ -156,6 +159,7 @@ class InferenceWorker:
             if len(self._queue) >= self.config.queue_capacity:
                 raise QueueFull(self.config.queue_capacity, round(self._job_ms))
             self._queue.append(job)
+            self._contended = self._contended or bool(self._running)
             queued = Queued(position=len(self._queue) - 1 + len(self._running), depth=len(self._queue))
             self._lock.notify_all()
         job.emit(queued)
@@ -199,6 +203,7 @@ class InferenceWorker:
         images = first.params.num_images
         until = time.monotonic() + self.config.max_batch_wait_ms / 1e3
         with self._lock:
+            wait_for_company, self._contended = self._contended, False
             while images < capacity:
                 for job in list(self._queue):
                     if job.batch_key == first.batch_key and images + job.params.num_images <= capacity:
@@ -206,7 +211,7 @@ class InferenceWorker:
                         batch.append(job)
                         images += job.params.num_images
                 remaining = until - time.monotonic()
-                if images >= capacity or remaining <= 0:
+                if images >= capacity or remaining <= 0 or not wait_for_company:
                     break
                 self._lock.wait(remaining)
         return batch

@@ -23,6 +23,7 @@ from diffuserve.v1 import diffusion_pb2 as pb
 from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
 LONG = 150  # the most steps a request may ask for: long enough to act on while it runs
+BLOCKER = 40
 
 
 @contextmanager
@@ -30,6 +31,16 @@ def serving(model: ServedModel, **worker):
     config = ServerConfig(model_dirs=(), host="127.0.0.1", port=0, worker=WorkerConfig(**worker))
     with BackgroundServer(config, {model.name: model}) as server, grpc.insecure_channel(server.address) as channel:
         yield server, pb_grpc.DiffusionServiceStub(channel), channel
+
+
+@contextmanager
+def busy(stub: pb_grpc.DiffusionServiceStub, steps: int = 40):
+    """Keeps the worker on an incompatible request (other step count), so requests sent meanwhile queue up together."""
+    with ThreadPoolExecutor(1) as pool:
+        blocker = pool.submit(stub.Generate, pb.GenerateRequest(prompt="a yellow square", steps=steps))
+        time.sleep(0.2)
+        yield
+        blocker.result(timeout=120)
 
 
 def wait_idle(server: BackgroundServer, timeout: float = 30.0) -> None:
@@ -57,9 +68,9 @@ def test_stream_events_come_in_order(tiny_model: ServedModel) -> None:
 
 
 def test_cancelled_stream_stops_within_a_step_and_spares_its_batch_mate(tiny_model: ServedModel) -> None:
-    with serving(tiny_model, max_batch_wait_ms=300) as (server, stub, _):
+    with serving(tiny_model) as (server, stub, _):
         request = pb.GenerateRequest(prompt="a blue square", steps=LONG, seeds=[5])
-        with ThreadPoolExecutor(1) as pool:
+        with busy(stub, steps=BLOCKER), ThreadPoolExecutor(1) as pool:
             mate = pool.submit(stub.Generate, pb.GenerateRequest(prompt="a green circle", steps=LONG, seeds=[6]))
             call = stub.GenerateStream(request)
             cancelled_at = 0
@@ -73,7 +84,7 @@ def test_cancelled_stream_stops_within_a_step_and_spares_its_batch_mate(tiny_mod
     assert response.timings.batch_size == 2  # they did share the engine calls
     assert len(response.images) == 1
     # The mate ran all its steps; the cancelled request at most one more than it had reported, plus the one running.
-    assert server.running.worker.steps_run <= LONG + cancelled_at + 2
+    assert server.running.worker.steps_run <= BLOCKER + LONG + cancelled_at + 2
 
 
 def test_deadline_stops_the_request_and_the_server_goes_on(tiny_model: ServedModel) -> None:
@@ -89,14 +100,14 @@ def test_deadline_stops_the_request_and_the_server_goes_on(tiny_model: ServedMod
 def test_request_that_cannot_start_before_its_deadline_never_uses_the_engines(tiny_model: ServedModel) -> None:
     with serving(tiny_model, batching=False) as (server, stub, _):
         with ThreadPoolExecutor(1) as pool:
-            long = pool.submit(stub.Generate, pb.GenerateRequest(prompt="a red circle", steps=60))
-            time.sleep(0.2)  # the long request is running
+            long = pool.submit(stub.Generate, pb.GenerateRequest(prompt="a red circle", steps=LONG))
+            time.sleep(0.2)  # the long request is running, for about a second more
             with pytest.raises(grpc.RpcError) as error:
-                stub.Generate(pb.GenerateRequest(prompt="a red circle", steps=60), timeout=0.3)
+                stub.Generate(pb.GenerateRequest(prompt="a red circle", steps=LONG), timeout=0.3)
             long.result(timeout=120)
         wait_idle(server)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert server.running.worker.steps_run == 60
+    assert server.running.worker.steps_run == LONG
 
 
 def test_full_queue_refuses_at_once_and_loses_nothing_accepted(tiny_model: ServedModel) -> None:
@@ -127,12 +138,18 @@ def test_batched_images_are_bit_identical_to_images_made_alone(tiny_model: Serve
     ]
     with serving(tiny_model, batching=False) as (_, stub, _):
         alone = [stub.Generate(r) for r in requests]
-    with serving(tiny_model, max_batch_wait_ms=500) as (_, stub, _), ThreadPoolExecutor(2) as pool:
+    with serving(tiny_model) as (_, stub, _), busy(stub), ThreadPoolExecutor(2) as pool:
         together = list(pool.map(stub.Generate, requests))
     assert [r.timings.batch_size for r in alone] == [1, 1]
     assert [r.timings.batch_size for r in together] == [2, 2]
     for a, b in zip(alone, together, strict=True):
         assert a.images[0].data == b.images[0].data
+
+
+def test_a_lone_caller_never_waits_for_batch_company(tiny_model: ServedModel) -> None:
+    with serving(tiny_model, max_batch_wait_ms=2000) as (_, stub, _):
+        timings = [stub.Generate(pb.GenerateRequest(prompt="a red circle", steps=2)).timings for _ in range(3)]
+    assert all(t.queue_ms < 500 and t.batch_size == 1 for t in timings)
 
 
 def test_health_and_listing_answer_while_a_batch_denoises(tiny_model: ServedModel) -> None:
@@ -171,7 +188,7 @@ def test_sigterm_drains_the_request_in_flight_and_exits_cleanly(tiny_export: Pat
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             grpc.channel_ready_future(channel).result(timeout=60)
             stub = pb_grpc.DiffusionServiceStub(channel)
-            stream = stub.GenerateStream(pb.GenerateRequest(prompt="a red circle", steps=60))
+            stream = stub.GenerateStream(pb.GenerateRequest(prompt="a red circle", steps=LONG))
             events = []
             for event in stream:
                 events.append(event)
