@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from importlib import metadata
 
 import grpc
@@ -72,12 +73,9 @@ class DiffusionService(pb_grpc.DiffusionServiceServicer):
         return job
 
     async def _finish(self, job: Job, context: grpc.aio.ServicerContext) -> GenerateResult:
-        """Waits for the job; a caller that goes away cancels it, so its rows leave the batch at the next step."""
+        """Waits for the job's result, ending the call with the status that says why there is none."""
         try:
             return await asyncio.wrap_future(job.future)
-        except asyncio.CancelledError:
-            job.cancel()
-            raise
         except DeadlineExceeded as e:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
         except JobCancelled as e:
@@ -90,7 +88,8 @@ class DiffusionService(pb_grpc.DiffusionServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         job = await self._accept(request, context, listener=None)
-        result = await self._finish(job, context)
+        with cancel_if_abandoned(job):
+            result = await self._finish(job, context)
         log_done(job)
         return response_for(job, result, with_images=True)
 
@@ -106,13 +105,10 @@ class DiffusionService(pb_grpc.DiffusionServiceServicer):
         job = await self._accept(request, context, listener=deliver)
         job.future.add_done_callback(lambda _: deliver(_DONE))
         request_id = job.params.request_id
-        try:
+        with cancel_if_abandoned(job):
             while (event := await events.get()) is not _DONE:
                 yield event_proto(request_id, job, event)
-        except asyncio.CancelledError:
-            job.cancel()
-            raise
-        result = await self._finish(job, context)
+            result = await self._finish(job, context)
         log_done(job)
         yield pb.GenerateEvent(request_id=request_id, completed=response_for(job, result, with_images=False))
 
@@ -140,6 +136,17 @@ class DiffusionService(pb_grpc.DiffusionServiceServicer):
             batching=config.batching,
             max_batch_wait_ms=config.max_batch_wait_ms,
         )
+
+
+@contextmanager
+def cancel_if_abandoned(job: Job) -> Iterator[None]:
+    """However the handler leaves before its job is done (the caller cancelled, disconnected, or the stream was
+    closed while paused at a yield), the job is cancelled, so its rows leave the batch at the next step."""
+    try:
+        yield
+    finally:
+        if not job.future.done():
+            job.cancel()
 
 
 def log_done(job: Job) -> None:
