@@ -1,0 +1,36 @@
+"""The `diffuserve generate` client against a real server: files written, seeds and timings printed, errors shown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from diffuserve.server.cli import main
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_generate_writes_one_file_per_image(server, tmp_path: Path, capsys, stream: bool) -> None:
+    args = ["generate", "a red circle", "--server", server.address, "-o", str(tmp_path / "out.png"), "--steps", "3"]
+    args += ["--seed", "7", "--seed", "8"] + (["--stream"] if stream else [])
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for index, seed in ((0, 7), (1, 8)):
+        path = tmp_path / f"out-{index}.png"
+        assert Image.open(path).size == (128, 128)
+        assert f"{path}  seed={seed}" in out
+    assert "total" in out and "denoise" in out
+
+
+def test_generate_names_the_file_after_the_format(server, tmp_path: Path) -> None:
+    args = ["generate", "a red circle", "--server", server.address, "-o", str(tmp_path / "out.png"), "--steps", "2"]
+    assert main([*args, "--format", "jpeg"]) == 0
+    assert Image.open(tmp_path / "out.jpg").format == "JPEG"
+
+
+def test_generate_reports_a_refused_request(server, tmp_path: Path, capsys) -> None:
+    args = ["generate", "a red circle", "--server", server.address, "-o", str(tmp_path / "x.png"), "--steps", "999"]
+    assert main(args) == 1
+    assert "INVALID_ARGUMENT: steps: must be in 1..150, got 999" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
