@@ -23,7 +23,7 @@ from diffuserve.v1 import diffusion_pb2 as pb
 from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
 LONG = 150  # the most steps a request may ask for: long enough to act on while it runs
-BLOCKER = 40
+BLOCKER = 100  # long enough that requests sent after it starts are sure to queue behind it
 
 
 @contextmanager
@@ -34,7 +34,7 @@ def serving(model: ServedModel, **worker):
 
 
 @contextmanager
-def busy(stub: pb_grpc.DiffusionServiceStub, steps: int = 40):
+def busy(stub: pb_grpc.DiffusionServiceStub, steps: int = BLOCKER):
     """Keeps the worker on an incompatible request (other step count), so requests sent meanwhile queue up together."""
     with ThreadPoolExecutor(1) as pool:
         blocker = pool.submit(stub.Generate, pb.GenerateRequest(prompt="a yellow square", steps=steps))
@@ -163,7 +163,7 @@ def test_health_and_listing_answer_while_a_batch_denoises(tiny_model: ServedMode
         assert not busy.done()
         busy.result(timeout=120)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
-    assert elapsed < 0.5
+    assert elapsed < 1.0
 
 
 def test_every_response_carries_the_timing_breakdown(tiny_model: ServedModel) -> None:
