@@ -18,7 +18,7 @@ from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 from .app import CHANNEL_OPTIONS, BackgroundServer, ServerConfig
 from .images import encode_image
 from .models import load_model
-from .params import GenerateParams, validate
+from .params import GenerateParams, scheduler_enum, validate
 from .pipeline import StageTimes, generate, initial_latents, to_uint8
 from .worker import WorkerConfig
 
@@ -65,25 +65,18 @@ def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
 
 def bench_ours(options: BenchOptions) -> tuple[dict[str, float], GenerateParams, np.ndarray]:
     model = load_model(options.model_dir, backend="cpu")
-    manifest = model.manifest
-    params = GenerateParams(
-        model=model.name,
-        request_id="bench",
+    # The request a client would send, validated exactly as the server does it.
+    request = pb.GenerateRequest(
         prompt=BENCH_PROMPT,
-        negative_prompt="",
-        width=manifest.width,
-        height=manifest.height,
-        seeds=(BENCH_SEED,),
+        seeds=[BENCH_SEED],
         steps=options.steps,
         guidance_scale=BENCH_GUIDANCE,
-        scheduler=options.scheduler,
-        output_format="png",
-        quality=90,
-        embed_metadata=False,
+        scheduler=scheduler_enum(options.scheduler),
     )
+    params = validate(request, {model.name: model}, model.name)
     generate(model, params)  # warm-up: first runs pay for ORT's lazy allocations
     results = [generate(model, params) for _ in range(options.runs)]
-    noise = initial_latents(params.seeds, manifest.latent_shape, 1.0)
+    noise = initial_latents(params.seeds, model.manifest.latent_shape, 1.0)
     return median_of([our_stages(r.times, options.steps) for r in results]), params, noise
 
 

@@ -8,9 +8,12 @@ import logging
 import sys
 from pathlib import Path
 
+from .app import ServerConfig
 from .demo import DEMO_PROMPT
 from .models import BUNDLED_MODEL, ModelDefaults
+from .params import IMAGE_FORMATS
 from .schedulers import SAMPLERS
+from .worker import WorkerConfig
 
 log = logging.getLogger("diffuserve")
 
@@ -23,7 +26,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         height=args.height,
         width=args.width,
         batches=tuple(args.batch or [1]),
-        parity_tolerance=args.parity_tolerance,
+        **({} if args.parity_tolerance is None else {"parity_tolerance": args.parity_tolerance}),
         name=args.name,
         default_steps=args.default_steps,
         default_guidance_scale=args.default_guidance,
@@ -37,8 +40,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .app import ServerConfig, serve
-    from .worker import WorkerConfig
+    from .app import serve
 
     defaults = ModelDefaults(max_steps=args.max_steps, max_images=args.max_images)
     given = {"steps": args.default_steps, "guidance_scale": args.default_guidance}
@@ -156,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="images per engine call (the U-Net runs at twice this); repeat for several sizes (default: 1)",
     )
     p.add_argument("--name", help="model name to serve it under (default: the source folder's name)")
-    p.add_argument("--parity-tolerance", type=float, default=1e-3, help="allowed |torch - onnx| / output magnitude")
+    p.add_argument("--parity-tolerance", type=float, help="allowed |torch - onnx| / output magnitude (default 1e-3)")
     p.add_argument("--default-steps", type=int, help="steps the model is meant to run with (recorded in the manifest)")
     p.add_argument("--default-guidance", type=float, help="its guidance scale (recorded in the manifest)")
     p.set_defaults(func=cmd_export)
@@ -171,10 +173,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-guidance", type=float, help="guidance for requests that leave it unset (the model's)")
     p.add_argument("--max-steps", type=int, default=ModelDefaults.max_steps)
     p.add_argument("--max-images", type=int, default=ModelDefaults.max_images)
-    p.add_argument("--grace", type=float, default=30.0, help="seconds to finish accepted requests on shutdown")
-    p.add_argument("--queue-capacity", type=int, default=64, help="waiting requests before RESOURCE_EXHAUSTED")
+    p.add_argument(
+        "--grace", type=float, default=ServerConfig.grace_s, help="seconds to finish accepted requests on shutdown"
+    )
+    p.add_argument(
+        "--queue-capacity",
+        type=int,
+        default=WorkerConfig.queue_capacity,
+        help="waiting requests before RESOURCE_EXHAUSTED",
+    )
     p.add_argument("--no-batching", action="store_true", help="run each request on its own")
-    p.add_argument("--max-batch-wait-ms", type=float, default=5.0, help="how long a request waits for batch company")
+    p.add_argument(
+        "--max-batch-wait-ms",
+        type=float,
+        default=WorkerConfig.max_batch_wait_ms,
+        help="how long a request waits for batch company",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("generate", help="ask a server for an image")
@@ -190,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=sorted(SAMPLERS), default="")
     p.add_argument("--width", type=int, default=0)
     p.add_argument("--height", type=int, default=0)
-    p.add_argument("--format", choices=("png", "jpeg", "webp"), default="")
+    p.add_argument("--format", choices=IMAGE_FORMATS, default="")
     p.add_argument("--quality", type=int, default=0)
     p.add_argument("--no-metadata", action="store_true", help="do not embed prompt and settings in the file")
     p.add_argument("--timeout", type=float, help="deadline in seconds")

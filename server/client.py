@@ -13,7 +13,7 @@ from diffuserve.v1 import diffusion_pb2 as pb
 from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
 from .app import CHANNEL_OPTIONS
-from .params import FORMAT_PREFIX, SCHEDULER_PREFIX
+from .params import format_enum, scheduler_enum
 
 FILE_SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 
@@ -50,9 +50,9 @@ class ClientRequest:
         if self.guidance_scale is not None:
             request.guidance_scale = self.guidance_scale
         if self.scheduler:
-            request.scheduler = pb.Scheduler.Value(SCHEDULER_PREFIX + self.scheduler.upper())
+            request.scheduler = scheduler_enum(self.scheduler)
         if self.output_format:
-            request.output_format = pb.ImageFormat.Value(FORMAT_PREFIX + self.output_format.upper())
+            request.output_format = format_enum(self.output_format)
         return request
 
 

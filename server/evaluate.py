@@ -20,7 +20,7 @@ from diffuserve.v1 import diffusion_pb2 as pb
 from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
 from .app import CHANNEL_OPTIONS, BackgroundServer, ServerConfig
-from .params import scheduler_enum
+from .params import scheduler_enum, scheduler_name
 from .shapes import Scene, classify, describe, random_scene
 
 ATTRIBUTES = ("fg", "bg", "shape")
@@ -77,7 +77,7 @@ def evaluate(model_dir: str | Path, count: int = 100, seed: int = 0) -> dict[str
     cases = evaluation_cases(count, seed)
     with serving(model_dir) as stub:
         (model,) = stub.ListModels(pb.ListModelsRequest()).models
-        samplers = [pb.Scheduler.Name(s).removeprefix("SCHEDULER_").lower() for s in model.schedulers]
+        samplers = [scheduler_name(s) for s in model.schedulers]
         return {sampler: accuracy(stub, cases, sampler) for sampler in samplers}
 
 

@@ -23,7 +23,7 @@ RANDOM_SEED_BITS = 63
 # Prefix of each enum's value names in the proto (protobuf style: the enum name in upper snake case).
 SCHEDULER_PREFIX = "SCHEDULER_"
 FORMAT_PREFIX = "IMAGE_FORMAT_"
-IMAGE_FORMATS = ("png", "jpeg", "webp")
+IMAGE_FORMATS = ("png", "jpeg", "webp")  # the formats images.py encodes
 
 
 class InvalidArgument(ValueError):
@@ -67,6 +67,10 @@ def scheduler_name(value: int) -> str:
 
 def scheduler_enum(name: str) -> int:
     return pb.Scheduler.Value(SCHEDULER_PREFIX + name.upper())
+
+
+def format_enum(name: str) -> int:
+    return pb.ImageFormat.Value(FORMAT_PREFIX + name.upper())
 
 
 def format_name(value: int) -> str:

@@ -174,7 +174,7 @@ def denoise(
     final: list[np.ndarray | None] = [None] * len(members)
     current = dict(enumerate(latents))  # member index -> its latents, while it runs
     active: list[int] = []
-    rows, x, bounds = None, None, []
+    x, bounds = None, []
     total = len(plan.timesteps)
     for index, t in enumerate(plan.timesteps):
         running = [i for i in current if members[i].proceed()]
