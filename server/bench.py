@@ -17,14 +17,18 @@ from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
 from .app import CHANNEL_OPTIONS, BackgroundServer, ServerConfig
 from .images import encode_image
-from .models import load_model
+from .models import ServedModel, load_model
+from .noise import NOISE_MODES, make_generator
 from .params import GenerateParams, scheduler_enum, validate
-from .pipeline import StageTimes, generate, initial_latents, to_uint8
+from .pipeline import Solo, StageTimes, UNetRows, encode_prompts, generate, to_uint8
+from .schedulers import INITIAL_STATE, get_sampler, make_plan
 from .worker import WorkerConfig
 
 BENCH_PROMPT = "a red circle on a blue background"
 BENCH_SEED = 7
 BENCH_GUIDANCE = 7.5
+# Timing repeats of the micro-benchmarks (a sampler step, a noise draw): the median of this many.
+MICRO_REPEATS = 30
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
-def bench_ours(options: BenchOptions) -> tuple[dict[str, float], GenerateParams, np.ndarray]:
+def bench_ours(options: BenchOptions) -> tuple[dict[str, float], GenerateParams, ServedModel, np.ndarray]:
     model = load_model(options.model_dir, backend="cpu")
     # The request a client would send, validated exactly as the server does it.
     request = pb.GenerateRequest(
@@ -76,15 +80,23 @@ def bench_ours(options: BenchOptions) -> tuple[dict[str, float], GenerateParams,
     params = validate(request, {model.name: model}, model.name)
     generate(model, params)  # warm-up: first runs pay for ORT's lazy allocations
     results = [generate(model, params) for _ in range(options.runs)]
-    noise = initial_latents(params.seeds, model.manifest.latent_shape, 1.0)
-    return median_of([our_stages(r.times, options.steps) for r in results]), params, noise
+    return median_of([our_stages(r.times, options.steps) for r in results]), params, model, results[0].pixels
 
 
-def bench_diffusers(options: BenchOptions, noise: np.ndarray) -> dict[str, float]:
+def bench_diffusers(options: BenchOptions, params: GenerateParams) -> tuple[dict[str, float], np.ndarray]:
+    """diffusers' stage times, and its image for the same seed (a CPU torch generator, as torch_cpu noise is)."""
     from diffuserve.export.reference import time_reference
 
+    size = (params.height, params.width)
     runs, images = time_reference(
-        options.reference, options.scheduler, BENCH_PROMPT, noise, options.steps, BENCH_GUIDANCE, options.runs
+        options.reference,
+        options.scheduler,
+        BENCH_PROMPT,
+        params.seeds[0],
+        size,
+        options.steps,
+        BENCH_GUIDANCE,
+        options.runs,
     )
     rows = []
     for run, image in zip(runs, images, strict=True):
@@ -102,7 +114,55 @@ def bench_diffusers(options: BenchOptions, noise: np.ndarray) -> dict[str, float
                 "total_ms": run["render_ms"] + encode_ms,
             }
         )
-    return median_of(rows)
+    return median_of(rows), images[0]
+
+
+def _median_ms(run, repeats: int = MICRO_REPEATS) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def unet_call_ms(model: ServedModel, params: GenerateParams) -> float:
+    """One guided U-Net call for one image: what a sampler step is weighed against."""
+    embeddings = encode_prompts(model, [params.negative_prompt, params.prompt])
+    rows = UNetRows(model, [Solo(params)], [embeddings], guided=True)
+    latents = np.random.default_rng(0).standard_normal((1, *model.manifest.latent_shape), dtype=np.float32)
+    rows.predict(latents, np.float32(1), np.float32(500))
+    return _median_ms(lambda: rows.predict(latents, np.float32(1), np.float32(500)), repeats=9)
+
+
+def sampler_costs(model: ServedModel, params: GenerateParams, steps: int) -> list[dict[str, float | str]]:
+    """Per sampler, the ms of its own arithmetic per U-Net call for one image, and the share of a U-Net call it is."""
+    unet_ms = unet_call_ms(model, params)
+    shape = (1, *model.manifest.latent_shape)
+    rng = np.random.default_rng(0)
+    rows = []
+    for name in model.schedulers:
+        plan, sampler = make_plan(name, model.scheduler_config, steps), get_sampler(name)
+        outputs = rng.standard_normal((plan.calls, *shape), dtype=np.float32)
+        noises = [rng.standard_normal(shape, dtype=np.float32) if draw else None for draw in plan.noise_calls]
+
+        def run_plan(plan=plan, sampler=sampler, outputs=outputs, noises=noises) -> None:
+            x, state = outputs[0], INITIAL_STATE
+            for index in range(plan.calls):
+                x, state = sampler.step(plan, index, x, outputs[index], state, noises[index])
+
+        step_ms = _median_ms(run_plan) / plan.calls
+        rows.append({"sampler": name, "calls": plan.calls, "step_ms": step_ms, "unet_share": step_ms / unet_ms})
+    return [{"sampler": "(U-Net call, guided)", "calls": 1, "step_ms": unet_ms, "unet_share": 1.0}, *rows]
+
+
+def noise_costs(model: ServedModel) -> dict[str, float]:
+    """ms to draw one image's latent noise in each noise mode."""
+    shape = (1, *model.manifest.latent_shape)
+    return {
+        mode: _median_ms(lambda mode=mode: make_generator(mode, BENCH_SEED).standard_normal(shape))
+        for mode in NOISE_MODES
+    }
 
 
 def format_table(ours: dict[str, float], reference: dict[str, float] | None) -> str:
@@ -119,15 +179,35 @@ def format_table(ours: dict[str, float], reference: dict[str, float] | None) -> 
     return "\n".join(lines)
 
 
+def format_sampler_table(rows: list[dict[str, float | str]], steps: int) -> str:
+    lines = [f"{'sampler (one image)':<24}{'calls':>7}{'ms/call':>10}{'of U-Net':>10}", "-" * 51]
+    for row in rows:
+        lines.append(f"{row['sampler']:<24}{row['calls']:>7}{row['step_ms']:>10.3f}{row['unet_share']:>10.2%}")
+    return "\n".join(lines) + f"\n(ms/call: the sampler's own arithmetic per U-Net call at {steps} steps)"
+
+
 def run_bench(options: BenchOptions, json_path: str | None = None) -> dict:
-    ours, params, noise = bench_ours(options)
-    reference = bench_diffusers(options, noise) if options.reference else None
+    ours, params, model, image = bench_ours(options)
+    reference, reference_image = bench_diffusers(options, params) if options.reference else (None, None)
     print(
         f"model {params.model}, {params.width}x{params.height}, {options.steps} steps {options.scheduler}, "
-        f"guidance {BENCH_GUIDANCE}, median of {options.runs} runs (ms)"
+        f"guidance {BENCH_GUIDANCE}, {params.noise_mode} noise, median of {options.runs} runs (ms)"
     )
     print(format_table(ours, reference))
     report = {"options": asdict(options), "diffuserve": ours, "diffusers": reference}
+    if reference_image is not None:
+        difference = float(np.abs(image - reference_image).max())
+        print(f"max |ours - diffusers| on the 0..1 image, seed {params.seeds[0]}: {difference:.2e}")
+        report["max_abs_difference"] = difference
+    samplers = sampler_costs(model, params, options.steps)
+    print()
+    print(format_sampler_table(samplers, options.steps))
+    noise = noise_costs(model)
+    print(
+        "initial noise per image: "
+        + ", ".join(f"{mode} {ms:.3f} ms ({ms / ours['total_ms']:.2%} of a request)" for mode, ms in noise.items())
+    )
+    report.update(samplers=samplers, noise_ms=noise)
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -11,6 +11,7 @@ from pathlib import Path
 from .app import ServerConfig
 from .demo import DEMO_PROMPT
 from .models import BUNDLED_MODEL, ModelDefaults
+from .noise import NOISE_MODES
 from .params import IMAGE_FORMATS
 from .schedulers import SAMPLERS
 from .worker import WorkerConfig
@@ -75,6 +76,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         steps=args.steps,
         guidance_scale=args.guidance,
         scheduler=args.scheduler,
+        noise_mode=args.noise_mode,
         width=args.width,
         height=args.height,
         output_format=args.format,
@@ -201,7 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=0)
     p.add_argument("--steps", type=int, default=0)
     p.add_argument("--guidance", type=float)
-    p.add_argument("--scheduler", choices=sorted(SAMPLERS), default="")
+    p.add_argument("--scheduler", choices=list(SAMPLERS), default="", help="default: the model's own")
+    p.add_argument(
+        "--noise-mode", choices=NOISE_MODES, default="", help="how seeds become noise; default: the server's"
+    )
     p.add_argument("--width", type=int, default=0)
     p.add_argument("--height", type=int, default=0)
     p.add_argument("--format", choices=IMAGE_FORMATS, default="")

@@ -13,7 +13,7 @@ from diffuserve.v1 import diffusion_pb2 as pb
 from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
 from .app import CHANNEL_OPTIONS
-from .params import format_enum, scheduler_enum
+from .params import format_enum, noise_mode_enum, scheduler_enum
 
 FILE_SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 
@@ -28,6 +28,7 @@ class ClientRequest:
     steps: int = 0
     guidance_scale: float | None = None
     scheduler: str = ""
+    noise_mode: str = ""
     width: int = 0
     height: int = 0
     output_format: str = ""
@@ -51,6 +52,8 @@ class ClientRequest:
             request.guidance_scale = self.guidance_scale
         if self.scheduler:
             request.scheduler = scheduler_enum(self.scheduler)
+        if self.noise_mode:
+            request.noise_mode = noise_mode_enum(self.noise_mode)
         if self.output_format:
             request.output_format = format_enum(self.output_format)
         return request

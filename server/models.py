@@ -13,7 +13,7 @@ from diffuserve.engine.base import Engine
 from diffuserve.engine.loader import load_engines
 from diffuserve.engine.manifest import TEXT_ENCODER, UNET, VAE_DECODER, Manifest
 
-from .schedulers import SAMPLERS, SchedulerConfig, default_sampler_name
+from .schedulers import SchedulerConfig, available_samplers, default_sampler_name
 from .tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ class ServedModel:
 
     @property
     def schedulers(self) -> tuple[str, ...]:
-        return tuple(SAMPLERS)
+        """The samplers that can run this model's scheduler config."""
+        return tuple(name for name, reason in available_samplers(self.scheduler_config).items() if not reason)
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
@@ -81,6 +82,9 @@ def load_model(
     manifest, engines = load_engines(folder, TEXT_TO_IMAGE, backend, threads)
     defaults = replace(defaults or ModelDefaults(), **manifest.defaults, **(overrides or {}))
     scheduler_config = SchedulerConfig.from_file(folder / "scheduler" / "scheduler_config.json")
+    for sampler, reason in available_samplers(scheduler_config).items():
+        if reason:
+            log.warning("model %s: sampler %s is not offered: %s", manifest.name, sampler, reason)
     return ServedModel(
         name=manifest.name,
         folder=folder,

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from diffuserve.v1 import diffusion_pb2 as pb
 
 from .models import ServedModel
+from .noise import DEFAULT_NOISE_MODE, NOISE_MODES
+from .schedulers import make_plan
 
 # A prompt is cut to the text encoder's 77 tokens anyway; this only keeps a caller from sending megabytes.
 MAX_PROMPT_CHARS = 10_000
@@ -23,6 +25,7 @@ RANDOM_SEED_BITS = 63
 # Prefix of each enum's value names in the proto (protobuf style: the enum name in upper snake case).
 SCHEDULER_PREFIX = "SCHEDULER_"
 FORMAT_PREFIX = "IMAGE_FORMAT_"
+NOISE_MODE_PREFIX = "NOISE_MODE_"
 IMAGE_FORMATS = ("png", "jpeg", "webp")  # the formats images.py encodes
 
 
@@ -50,6 +53,7 @@ class GenerateParams:
     quality: int
     embed_metadata: bool
     preview_interval: int = 0
+    noise_mode: str = DEFAULT_NOISE_MODE
 
     @property
     def num_images(self) -> int:
@@ -67,6 +71,14 @@ def scheduler_name(value: int) -> str:
 
 def scheduler_enum(name: str) -> int:
     return pb.Scheduler.Value(SCHEDULER_PREFIX + name.upper())
+
+
+def noise_mode_name(value: int) -> str:
+    return pb.NoiseMode.Name(value).removeprefix(NOISE_MODE_PREFIX).lower()
+
+
+def noise_mode_enum(name: str) -> int:
+    return pb.NoiseMode.Value(NOISE_MODE_PREFIX + name.upper())
 
 
 def format_enum(name: str) -> int:
@@ -142,6 +154,18 @@ def validate(request: pb.GenerateRequest, models: Mapping[str, ServedModel], def
         scheduler = scheduler_name(request.scheduler) if known else f"#{request.scheduler}"
         allowed = ", ".join(SCHEDULER_PREFIX + s.upper() for s in model.schedulers)
         check(scheduler in model.schedulers, f"scheduler: {scheduler!r} is not one of {allowed}")
+    if scheduler in model.schedulers and 1 <= steps <= limits.max_steps:
+        try:  # a sampler's own limits, e.g. LCM's steps at most its original_inference_steps
+            make_plan(scheduler, model.scheduler_config, steps)
+        except ValueError as error:
+            errors.append(f"steps: {error} (scheduler {scheduler!r})")
+
+    noise_mode = DEFAULT_NOISE_MODE
+    if request.noise_mode != pb.NOISE_MODE_UNSPECIFIED:
+        known = request.noise_mode in pb.NoiseMode.values()
+        noise_mode = noise_mode_name(request.noise_mode) if known else f"#{request.noise_mode}"
+        allowed = ", ".join(NOISE_MODE_PREFIX + m.upper() for m in NOISE_MODES)
+        check(noise_mode in NOISE_MODES, f"noise_mode: {noise_mode!r} is not one of {allowed}")
 
     output_format = "png"
     if request.output_format != pb.IMAGE_FORMAT_UNSPECIFIED:
@@ -182,4 +206,5 @@ def validate(request: pb.GenerateRequest, models: Mapping[str, ServedModel], def
         quality=quality,
         embed_metadata=request.embed_metadata,
         preview_interval=request.preview_interval,
+        noise_mode=noise_mode,
     )

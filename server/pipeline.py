@@ -25,8 +25,9 @@ from diffuserve.engine.manifest import (
 
 from .images import encode_image
 from .models import ServedModel
+from .noise import NoiseGenerator, make_generator
 from .params import GenerateParams
-from .schedulers import Plan, get_sampler, make_plan
+from .schedulers import INITIAL_STATE, Plan, get_sampler, make_plan, select_rows
 
 
 @dataclass
@@ -103,9 +104,22 @@ def encode_prompts(model: ServedModel, prompts: Sequence[str]) -> np.ndarray:
 
 
 # 3. Initial latents: one generator per image, so an image never depends on what it was batched with.
-def initial_latents(seeds: Sequence[int], latent_shape: tuple[int, ...], init_noise_sigma: float) -> np.ndarray:
-    noise = np.stack([np.random.default_rng(seed).standard_normal(latent_shape, dtype=np.float32) for seed in seeds])
-    return noise * np.float32(init_noise_sigma)
+def image_generators(params: GenerateParams) -> list[NoiseGenerator]:
+    return [make_generator(params.noise_mode, seed) for seed in params.seeds]
+
+
+def draw_noise(generators: Sequence[NoiseGenerator], latent_shape: tuple[int, ...]) -> np.ndarray:
+    """[len(generators), *latent_shape] unit gaussian noise, each row the next draw of its image's generator."""
+    # One [1, *latent_shape] draw per image, as diffusers draws from a list of generators.
+    return np.concatenate([g.standard_normal((1, *latent_shape)) for g in generators])
+
+
+def initial_latents(
+    generators: Sequence[NoiseGenerator], latent_shape: tuple[int, ...], init_noise_sigma: float
+) -> np.ndarray:
+    noise = draw_noise(generators, latent_shape)
+    noise *= np.float32(init_noise_sigma)
+    return noise
 
 
 # 4. Denoise: the sampler around the U-Net, with classifier-free guidance, for every member of a batch at once.
@@ -166,35 +180,42 @@ class UNetRows:
 
 
 def denoise(
-    model: ServedModel, members: Sequence[Member], plan: Plan, latents: list[np.ndarray], context: list[np.ndarray]
+    model: ServedModel,
+    members: Sequence[Member],
+    plan: Plan,
+    latents: Sequence[np.ndarray],
+    context: Sequence[np.ndarray],
+    generators: Sequence[Sequence[NoiseGenerator]],
 ) -> list[np.ndarray | None]:
-    """Steps every member in lockstep; a member that may not proceed leaves at once and gets None."""
-    sampler = get_sampler(members[0].params.scheduler)
+    """Steps every member in lockstep through the plan's U-Net calls; a member that may not proceed leaves at once
+    and gets None. Noise the sampler asks for comes from each image's own generator."""
+    sampler = get_sampler(plan.sampler)
     guided = members[0].params.uses_guidance
     final: list[np.ndarray | None] = [None] * len(members)
-    current = dict(enumerate(latents))  # member index -> its latents, while it runs
-    active: list[int] = []
-    x, bounds = None, []
-    total = len(plan.timesteps)
+    active = list(range(len(members)))
+    x, state = np.concatenate(latents), INITIAL_STATE
+    bounds = row_bounds([members[i].params.num_images for i in active])
+    rows = UNetRows(model, members, context, guided)
     for index, t in enumerate(plan.timesteps):
-        running = [i for i in current if members[i].proceed()]
-        if running != active:
-            if x is not None:  # the batch changes: take each member's rows back out of it
-                current = {i: x[a:b] for i, (a, b) in zip(active, bounds, strict=True) if i in running}
-            active = running
-            if not active:
+        running = [i for i in active if members[i].proceed()]
+        if running != active:  # the batch changes: keep the rows (and sampler state) of those still running
+            if not running:
                 return final
-            x = np.concatenate([current[i] for i in active])
+            keep = np.concatenate([np.arange(a, b) for i, (a, b) in zip(active, bounds, strict=True) if i in running])
+            x, state, active = x[keep], select_rows(state, keep), running
             bounds = row_bounds([members[i].params.num_images for i in active])
             rows = UNetRows(model, [members[i] for i in active], [context[i] for i in active], guided)
         start = time.perf_counter()
         model_output = rows.predict(x, plan.input_scales[index], t)
         unet_ms = _ms_since(start)
-        x = sampler.step(plan, index, x, model_output)
+        noise = None
+        if plan.noise_calls[index]:
+            noise = draw_noise([g for i in active for g in generators[i]], model.manifest.latent_shape)
+        x, state = sampler.step(plan, index, x, model_output, state, noise)
         step_ms = _ms_since(start)
         for i, (a, b) in zip(active, bounds, strict=True):
             members[i].times.unet_ms += unet_ms
-            members[i].on_step(index + 1, total, x[a:b], step_ms)
+            members[i].on_step(index + 1, plan.calls, x[a:b], step_ms)
     for i, (a, b) in zip(active, bounds, strict=True):
         final[i] = x[a:b]
     return final
@@ -230,6 +251,7 @@ def image_metadata(params: GenerateParams, seed: int) -> dict[str, str]:
         "steps": str(params.steps),
         "guidance_scale": f"{params.guidance_scale:g}",
         "scheduler": params.scheduler,
+        "noise_mode": params.noise_mode,
         "size": f"{params.width}x{params.height}",
     }
 
@@ -246,9 +268,9 @@ def render_members(model: ServedModel, members: Sequence[Member]) -> list[np.nda
     _record(members, "text_encoder_ms", start)
 
     start = time.perf_counter()
-    shape = model.manifest.latent_shape
-    latents = [initial_latents(m.params.seeds, shape, plan.init_noise_sigma) for m in members]
-    final = denoise(model, members, plan, latents, context)
+    generators = [image_generators(m.params) for m in members]
+    latents = [initial_latents(g, model.manifest.latent_shape, plan.init_noise_sigma) for g in generators]
+    final = denoise(model, members, plan, latents, context, generators)
     _record(members, "denoise_ms", start)
 
     done = [i for i, x in enumerate(final) if x is not None]

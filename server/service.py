@@ -15,7 +15,8 @@ from diffuserve.v1 import diffusion_pb2 as pb
 from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
 from .models import ServedModel
-from .params import GenerateParams, InvalidArgument, ModelNotFound, scheduler_enum, validate
+from .noise import DEFAULT_NOISE_MODE
+from .params import GenerateParams, InvalidArgument, ModelNotFound, noise_mode_enum, scheduler_enum, validate
 from .pipeline import GenerateResult
 from .worker import (
     DeadlineExceeded,
@@ -135,6 +136,7 @@ class DiffusionService(pb_grpc.DiffusionServiceServicer):
             queue_depth=self.worker.depth,
             batching=config.batching,
             max_batch_wait_ms=config.max_batch_wait_ms,
+            default_noise_mode=noise_mode_enum(DEFAULT_NOISE_MODE),
         )
 
 
@@ -210,6 +212,7 @@ def response_for(job: Job, result: GenerateResult, with_images: bool) -> pb.Gene
         steps=params.steps,
         guidance_scale=params.guidance_scale,
         scheduler=scheduler_enum(params.scheduler),
+        noise_mode=noise_mode_enum(params.noise_mode),
     )
 
 

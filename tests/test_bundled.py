@@ -17,7 +17,7 @@ from diffuserve.export.reference import load_reference_pipeline, reference_image
 from diffuserve.server.evaluate import TARGETS, evaluate
 from diffuserve.server.models import BUNDLED_MODEL, load_model
 from diffuserve.server.params import GenerateParams
-from diffuserve.server.pipeline import initial_latents, render
+from diffuserve.server.pipeline import render
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "shapes-sd"
 
@@ -75,10 +75,10 @@ def test_bundled_model_matches_diffusers_on_its_weights() -> None:
         output_format="png",
         quality=90,
         embed_metadata=False,
+        noise_mode="torch_cpu",
     )
-    noise = initial_latents(params.seeds, model.manifest.latent_shape, 1.0)
     pipe = load_reference_pipeline(WEIGHTS, "ddim")
-    reference = reference_images(pipe, params.prompt, "", noise, params.steps, params.guidance_scale)
+    reference = reference_images(pipe, params.prompt, "", params.seeds, (64, 64), params.steps, params.guidance_scale)
     assert np.abs(render(model, params) - reference).max() <= 1e-4
 
 

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from grpc_tools import protoc
 
-from diffuserve.server.params import FORMAT_PREFIX, IMAGE_FORMATS, scheduler_enum
+from diffuserve.server.noise import NOISE_MODES
+from diffuserve.server.params import (
+    FORMAT_PREFIX,
+    IMAGE_FORMATS,
+    noise_mode_enum,
+    noise_mode_name,
+    scheduler_enum,
+    scheduler_name,
+)
 from diffuserve.server.schedulers import SAMPLERS
 from diffuserve.v1 import diffusion_pb2 as pb
 
@@ -33,9 +40,14 @@ def test_generated_stubs_match_the_proto(tmp_path: Path) -> None:
         assert fresh == committed, f"{name} is stale: run `make protos`"
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
-def test_every_sampler_has_an_api_enum_value(name: str) -> None:
-    assert scheduler_enum(name) != pb.SCHEDULER_UNSPECIFIED
+def test_the_api_scheduler_enum_is_exactly_the_sampler_set() -> None:
+    assert {scheduler_enum(name) for name in SAMPLERS} == set(pb.Scheduler.values()) - {pb.SCHEDULER_UNSPECIFIED}
+    assert [scheduler_name(scheduler_enum(name)) for name in SAMPLERS] == list(SAMPLERS)
+
+
+def test_the_api_noise_mode_enum_is_exactly_the_noise_mode_set() -> None:
+    assert {noise_mode_enum(mode) for mode in NOISE_MODES} == set(pb.NoiseMode.values()) - {pb.NOISE_MODE_UNSPECIFIED}
+    assert [noise_mode_name(noise_mode_enum(mode)) for mode in NOISE_MODES] == list(NOISE_MODES)
 
 
 def test_every_image_format_has_an_api_enum_value() -> None:

@@ -22,8 +22,9 @@ def test_list_models_describes_the_served_model(stub) -> None:
     (model,) = stub.ListModels(pb.ListModelsRequest()).models
     assert (model.name, model.width, model.height, model.batch_size) == ("tiny-sd", 128, 128, 2)
     assert list(model.batch_sizes) == [1, 2]
-    assert set(model.schedulers) == {pb.SCHEDULER_EULER, pb.SCHEDULER_DDIM}
-    assert model.default_scheduler == pb.SCHEDULER_EULER
+    # Every sampler runs the SD 1.x scheduler config of the tiny model, whose own class is PNDM.
+    assert set(model.schedulers) == set(pb.Scheduler.values()) - {pb.SCHEDULER_UNSPECIFIED}
+    assert model.default_scheduler == pb.SCHEDULER_PNDM
     assert model.backend == "cpu" and model.prediction_type == "epsilon"
 
 
@@ -33,6 +34,7 @@ def test_server_info_reports_the_backend_really_running(stub) -> None:
     assert list(info.providers) == ["CPUExecutionProvider"]
     assert info.default_model == "tiny-sd" and list(info.models) == ["tiny-sd"]
     assert "onnxruntime" in info.runtime_versions
+    assert info.default_noise_mode == pb.NOISE_MODE_TORCH_CPU
 
 
 @pytest.mark.parametrize("service", ["", "diffuserve.v1.DiffusionService", "tiny-sd"])
@@ -59,7 +61,8 @@ def test_generate_returns_seeds_timings_and_settings(stub) -> None:
     t = response.timings
     assert t.total_ms >= t.denoise_ms >= t.unet_ms > 0 and t.text_encoder_ms > 0 and t.vae_decode_ms > 0
     assert t.batch_size == 3
-    assert (response.steps, response.scheduler, response.guidance_scale) == (2, pb.SCHEDULER_EULER, 7.5)
+    assert (response.steps, response.scheduler, response.guidance_scale) == (2, pb.SCHEDULER_PNDM, 7.5)
+    assert response.noise_mode == pb.NOISE_MODE_TORCH_CPU
 
 
 def test_request_id_is_generated_when_empty(stub) -> None:
@@ -85,7 +88,8 @@ def test_lossy_formats_are_encoded_as_asked(stub, fmt: int, mime: str, pil_forma
 def test_png_metadata_carries_prompt_and_seed(stub) -> None:
     image = stub.Generate(pb.GenerateRequest(**FAST, seeds=[99], embed_metadata=True)).images[0]
     text = Image.open(io.BytesIO(image.data)).text
-    assert (text["prompt"], text["seed"], text["steps"], text["scheduler"]) == ("a green square", "99", "2", "euler")
+    assert (text["prompt"], text["seed"], text["steps"], text["scheduler"]) == ("a green square", "99", "2", "pndm")
+    assert text["noise_mode"] == "torch_cpu"
 
 
 def test_jpeg_metadata_is_in_exif(stub) -> None:
@@ -120,8 +124,14 @@ BAD_REQUESTS = [
     (
         {"scheduler": 99},
         grpc.StatusCode.INVALID_ARGUMENT,
-        "scheduler: '#99' is not one of SCHEDULER_EULER, SCHEDULER_DDIM",
+        "scheduler: '#99' is not one of SCHEDULER_DDIM, SCHEDULER_PNDM, SCHEDULER_EULER, ",
     ),
+    (
+        {"scheduler": pb.SCHEDULER_LCM, "steps": 51},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"steps: steps=51 .*; allowed: an integer in 1 \.\. 50 \(scheduler 'lcm'\)",
+    ),
+    ({"noise_mode": 7}, grpc.StatusCode.INVALID_ARGUMENT, "noise_mode: '#7' is not one of NOISE_MODE_"),
     ({"num_images": 9}, grpc.StatusCode.INVALID_ARGUMENT, r"num_images: must be in 1\.\.8, got 9"),
     ({"num_images": -1}, grpc.StatusCode.INVALID_ARGUMENT, r"num_images: must be in 1\.\.8, got -1"),
     ({"seeds": [1, 2, 3], "num_images": 2}, grpc.StatusCode.INVALID_ARGUMENT, "seeds: got 3 seeds for 2 image"),

@@ -12,6 +12,21 @@ class Scheduler(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SCHEDULER_UNSPECIFIED: _ClassVar[Scheduler]
     SCHEDULER_EULER: _ClassVar[Scheduler]
     SCHEDULER_DDIM: _ClassVar[Scheduler]
+    SCHEDULER_PNDM: _ClassVar[Scheduler]
+    SCHEDULER_EULER_ANCESTRAL: _ClassVar[Scheduler]
+    SCHEDULER_HEUN: _ClassVar[Scheduler]
+    SCHEDULER_LMS: _ClassVar[Scheduler]
+    SCHEDULER_DPMPP_2M: _ClassVar[Scheduler]
+    SCHEDULER_DPMPP_2M_KARRAS: _ClassVar[Scheduler]
+    SCHEDULER_DPMPP_2M_SDE_KARRAS: _ClassVar[Scheduler]
+    SCHEDULER_UNIPC: _ClassVar[Scheduler]
+    SCHEDULER_LCM: _ClassVar[Scheduler]
+
+class NoiseMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NOISE_MODE_UNSPECIFIED: _ClassVar[NoiseMode]
+    NOISE_MODE_TORCH_CPU: _ClassVar[NoiseMode]
+    NOISE_MODE_NUMPY: _ClassVar[NoiseMode]
 
 class ImageFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -22,13 +37,25 @@ class ImageFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 SCHEDULER_UNSPECIFIED: Scheduler
 SCHEDULER_EULER: Scheduler
 SCHEDULER_DDIM: Scheduler
+SCHEDULER_PNDM: Scheduler
+SCHEDULER_EULER_ANCESTRAL: Scheduler
+SCHEDULER_HEUN: Scheduler
+SCHEDULER_LMS: Scheduler
+SCHEDULER_DPMPP_2M: Scheduler
+SCHEDULER_DPMPP_2M_KARRAS: Scheduler
+SCHEDULER_DPMPP_2M_SDE_KARRAS: Scheduler
+SCHEDULER_UNIPC: Scheduler
+SCHEDULER_LCM: Scheduler
+NOISE_MODE_UNSPECIFIED: NoiseMode
+NOISE_MODE_TORCH_CPU: NoiseMode
+NOISE_MODE_NUMPY: NoiseMode
 IMAGE_FORMAT_UNSPECIFIED: ImageFormat
 IMAGE_FORMAT_PNG: ImageFormat
 IMAGE_FORMAT_JPEG: ImageFormat
 IMAGE_FORMAT_WEBP: ImageFormat
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "request_id", "prompt", "negative_prompt", "width", "height", "num_images", "steps", "guidance_scale", "scheduler", "seeds", "output_format", "quality", "embed_metadata", "preview_interval")
+    __slots__ = ("model", "request_id", "prompt", "negative_prompt", "width", "height", "num_images", "steps", "guidance_scale", "scheduler", "seeds", "output_format", "quality", "embed_metadata", "preview_interval", "noise_mode")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +71,7 @@ class GenerateRequest(_message.Message):
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     EMBED_METADATA_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MODE_FIELD_NUMBER: _ClassVar[int]
     model: str
     request_id: str
     prompt: str
@@ -59,7 +87,8 @@ class GenerateRequest(_message.Message):
     quality: int
     embed_metadata: bool
     preview_interval: int
-    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[_Union[Scheduler, str]] = ..., seeds: _Optional[_Iterable[int]] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., quality: _Optional[int] = ..., embed_metadata: _Optional[bool] = ..., preview_interval: _Optional[int] = ...) -> None: ...
+    noise_mode: NoiseMode
+    def __init__(self, model: _Optional[str] = ..., request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_images: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[_Union[Scheduler, str]] = ..., seeds: _Optional[_Iterable[int]] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., quality: _Optional[int] = ..., embed_metadata: _Optional[bool] = ..., preview_interval: _Optional[int] = ..., noise_mode: _Optional[_Union[NoiseMode, str]] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("data", "mime_type", "seed", "width", "height", "index")
@@ -98,7 +127,7 @@ class Timings(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., text_encoder_ms: _Optional[float] = ..., denoise_ms: _Optional[float] = ..., unet_ms: _Optional[float] = ..., vae_decode_ms: _Optional[float] = ..., image_encode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("request_id", "model", "images", "timings", "steps", "guidance_scale", "scheduler")
+    __slots__ = ("request_id", "model", "images", "timings", "steps", "guidance_scale", "scheduler", "noise_mode")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +135,7 @@ class GenerateResponse(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    NOISE_MODE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     images: _containers.RepeatedCompositeFieldContainer[Image]
@@ -113,7 +143,8 @@ class GenerateResponse(_message.Message):
     steps: int
     guidance_scale: float
     scheduler: Scheduler
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[_Union[Scheduler, str]] = ...) -> None: ...
+    noise_mode: NoiseMode
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[_Union[Scheduler, str]] = ..., noise_mode: _Optional[_Union[NoiseMode, str]] = ...) -> None: ...
 
 class GenerateEvent(_message.Message):
     __slots__ = ("request_id", "queued", "progress", "image", "completed")
@@ -198,7 +229,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("version", "backend", "providers", "default_model", "models", "runtime_versions", "queue_capacity", "queue_depth", "batching", "max_batch_wait_ms")
+    __slots__ = ("version", "backend", "providers", "default_model", "models", "runtime_versions", "queue_capacity", "queue_depth", "batching", "max_batch_wait_ms", "default_noise_mode")
     class RuntimeVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -216,6 +247,7 @@ class GetServerInfoResponse(_message.Message):
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_NOISE_MODE_FIELD_NUMBER: _ClassVar[int]
     version: str
     backend: str
     providers: _containers.RepeatedScalarFieldContainer[str]
@@ -226,4 +258,5 @@ class GetServerInfoResponse(_message.Message):
     queue_depth: int
     batching: bool
     max_batch_wait_ms: float
-    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., default_model: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., runtime_versions: _Optional[_Mapping[str, str]] = ..., queue_capacity: _Optional[int] = ..., queue_depth: _Optional[int] = ..., batching: _Optional[bool] = ..., max_batch_wait_ms: _Optional[float] = ...) -> None: ...
+    default_noise_mode: NoiseMode
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., default_model: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., runtime_versions: _Optional[_Mapping[str, str]] = ..., queue_capacity: _Optional[int] = ..., queue_depth: _Optional[int] = ..., batching: _Optional[bool] = ..., max_batch_wait_ms: _Optional[float] = ..., default_noise_mode: _Optional[_Union[NoiseMode, str]] = ...) -> None: ...

@@ -1,0 +1,161 @@
+"""A model's scheduler_config.json: the fields every sampler reads, plus the rest for samplers that read more."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+# Keys that change the numerics of every diffusers sampler that has them, with the only values ours implement (None:
+# the key may also be absent or null). Any other value would silently give different images, so the model is refused.
+ONLY_SUPPORTED_VALUES: Mapping[str, tuple[Any, ...]] = {
+    "thresholding": (False, None),
+    "rescale_betas_zero_snr": (False, None),
+    "use_exponential_sigmas": (False, None),
+    "use_beta_sigmas": (False, None),
+    "trained_betas": (None,),
+    "interpolation_type": ("linear", None),
+    "final_sigmas_type": ("zero", None),
+    "timestep_type": ("discrete", None),
+}
+
+
+def unsupported(key: str, value: object, allowed: object) -> ValueError:
+    """The error for a config value no sampler (or not this sampler) implements, naming what is allowed."""
+    return ValueError(f"scheduler config {key}={value!r} is not supported; allowed: {allowed}")
+
+
+def _hashable(value: Any) -> Any:
+    """A JSON value made hashable (lists to tuples, objects to sorted item tuples), so configs can key caches."""
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return _is_int(value) or isinstance(value, float)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The model's scheduler_config.json. None = the sampler's own diffusers default."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    prediction_type: str = "epsilon"
+    steps_offset: int = 0
+    # None: the sampler's own default (e.g. Euler: linspace, DDIM: leading), as diffusers' from_config does.
+    timestep_spacing: str | None = None
+    set_alpha_to_one: bool = True
+    # None: the sampler's own default (DDIM: True; Euler never clips).
+    clip_sample: bool | None = None
+    clip_sample_range: float = 1.0
+    # "_class_name" of the file, e.g. "PNDMScheduler".
+    class_name: str = ""
+    # Every other key of the file, sorted, values made hashable: the sampler-specific ones (solver_order,
+    # use_karras_sigmas, skip_prk_steps ...) each sampler reads and checks through option().
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.num_train_timesteps) or self.num_train_timesteps < 1:
+            raise unsupported("num_train_timesteps", self.num_train_timesteps, "an integer >= 1")
+        for key in ("beta_start", "beta_end"):
+            value = getattr(self, key)
+            # beta = 0 would make sigma zero at t = 0, where the Euler derivative divides by sigma.
+            if not _is_real(value) or not 0 < value < 1:
+                raise unsupported(key, value, "a number in (0, 1)")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise unsupported("beta_schedule", self.beta_schedule, ", ".join(BETA_SCHEDULES))
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise unsupported("prediction_type", self.prediction_type, ", ".join(PREDICTION_TYPES))
+        if not _is_int(self.steps_offset) or self.steps_offset < 0:
+            raise unsupported("steps_offset", self.steps_offset, "an integer >= 0")
+        if self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise unsupported("timestep_spacing", self.timestep_spacing, ", ".join(TIMESTEP_SPACINGS) + " or null")
+        if not isinstance(self.set_alpha_to_one, bool):
+            raise unsupported("set_alpha_to_one", self.set_alpha_to_one, "true, false")
+        if self.clip_sample is not None and not isinstance(self.clip_sample, bool):
+            raise unsupported("clip_sample", self.clip_sample, "true, false or null")
+        if not _is_real(self.clip_sample_range) or not self.clip_sample_range > 0:
+            raise unsupported("clip_sample_range", self.clip_sample_range, "a number > 0")
+        if not isinstance(self.class_name, str):
+            raise unsupported("_class_name", self.class_name, "a string")
+
+    def option(self, key: str, default: Any = None) -> Any:
+        """A sampler-specific key of the file; default when it is absent or null."""
+        value = dict(self.options).get(key)
+        return default if value is None else value
+
+    def with_options(self, **overrides: Any) -> SchedulerConfig:
+        """This config with some sampler-specific keys set, e.g. a Karras sampler's use_karras_sigmas=True."""
+        merged = {**dict(self.options), **{key: _hashable(value) for key, value in overrides.items()}}
+        return SchedulerConfig(**{**self._fields(), "options": tuple(sorted(merged.items()))})
+
+    def _fields(self) -> dict[str, Any]:
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SchedulerConfig:
+        """Read a scheduler_config.json dict; unsupported values of the shared keys raise ValueError."""
+        for key, allowed in ONLY_SUPPORTED_VALUES.items():
+            if key in d and not any(d[key] is value or d[key] == value for value in allowed):
+                raise unsupported(key, d[key], " or ".join(json.dumps(value) for value in allowed))
+        values: dict[str, Any] = {}
+        named = set()
+        for field in fields(cls):
+            if field.name == "options":
+                continue
+            key = "_class_name" if field.name == "class_name" else field.name
+            named.add(key)
+            # JSON null means "not set": the dataclass default, which is the sampler default where that matters.
+            if d.get(key) is not None:
+                values[field.name] = d[key]
+        for key in ("beta_start", "beta_end", "clip_sample_range"):
+            # JSON may write a float as an integer (e.g. "clip_sample_range": 1); keep the field a float.
+            if type(values.get(key)) is int:
+                values[key] = float(values[key])
+        # Bookkeeping keys ("_diffusers_version") never change numerics; the shared keys above hold their defaults.
+        skip = named | set(ONLY_SUPPORTED_VALUES)
+        rest = {k: _hashable(v) for k, v in d.items() if k not in skip and not k.startswith("_") and v is not None}
+        return cls(**values, options=tuple(sorted(rest.items())))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> SchedulerConfig:
+        """Read a diffusers scheduler_config.json file."""
+        with open(path, encoding="utf-8") as file:
+            d = json.load(file)
+        if not isinstance(d, dict):
+            raise ValueError(f"{os.fspath(path)}: a scheduler config must be a JSON object, got {type(d).__name__}")
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The scheduler_config.json form that from_dict reads back; unset (None) fields are left out."""
+        d = {key: value for key, value in asdict(self).items() if value is not None}
+        d.update(_jsonable(dict(d.pop("options"))))
+        class_name = d.pop("class_name")
+        if class_name:
+            d["_class_name"] = class_name
+        return d
+
+
+def _jsonable(value: Any) -> Any:
+    """Undo _hashable for writing JSON: tuples back to lists (an object's item pairs come back as pair lists)."""
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value

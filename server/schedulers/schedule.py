@@ -1,0 +1,114 @@
+"""The DDPM noise schedule and the timestep and sigma grids built on it, computed as diffusers computes them.
+
+Ho et al. 2020, "Denoising Diffusion Probabilistic Models", define the schedule; Karras et al. 2022, "Elucidating the
+Design Space of Diffusion-Based Generative Models", the variance-exploding sigma = sqrt((1 - a) / a) view of it.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+import numpy.typing as npt
+
+from .config import SchedulerConfig
+
+Array = npt.NDArray[np.float32]
+
+# Improved DDPM (Nichol & Dhariwal 2021, eq. 17): the cosine schedule's small offset s, and the cap on each beta that
+# keeps the last steps from becoming singular near t = T.
+COSINE_OFFSET = 0.008
+COSINE_MAX_BETA = 0.999
+# Karras et al. 2022, eq. 5: the exponent spacing sigmas densely at the low-noise end.
+KARRAS_RHO = 7.0
+
+
+def check_steps(config: SchedulerConfig, steps: int, most: int | None = None) -> None:
+    """ValueError unless steps is an integer in 1 .. most (default: num_train_timesteps)."""
+    most = config.num_train_timesteps if most is None else most
+    is_integer = isinstance(steps, numbers.Integral) and not isinstance(steps, bool)
+    if not is_integer or not 1 <= steps <= most:
+        raise ValueError(f"steps={steps!r} is not supported; allowed: an integer in 1 .. {most}")
+
+
+def betas(config: SchedulerConfig) -> Array:
+    """beta_t for t = 0 .. num_train_timesteps - 1, the DDPM forward-process variances."""
+    n = config.num_train_timesteps
+    if config.beta_schedule == "linear":
+        return linspace_float32(config.beta_start, config.beta_end, n)
+    if config.beta_schedule == "scaled_linear":
+        # Latent diffusion's schedule: linear in sqrt(beta), squared in float32 as diffusers does.
+        return linspace_float32(math.sqrt(config.beta_start), math.sqrt(config.beta_end), n) ** 2
+    return cosine_betas(n)
+
+
+def linspace_float32(start: float, end: float, n: int) -> Array:
+    """n evenly spaced float32 values from start to end, rounded exactly as torch.linspace(dtype=float32) does."""
+    # A correctly rounded linspace differs from torch's in the last bit of about a third of the betas, and where the
+    # cumulative product a is near 1, one bit of a is a large part of the 1 - a that sigma and the noise prediction
+    # divide by. torch steps from each end by a float32 step: start + step * i for the first half, end - step *
+    # (n - 1 - i) for the rest, each a fused multiply-add (one rounding); in float64 the product of a float32 step and
+    # an integer below 2**29 is exact, so only the final cast rounds.
+    if n == 1:
+        return np.array([start], dtype=np.float32)
+    start32, end32 = np.float32(start), np.float32(end)
+    step = np.float64((end32 - start32) / np.float32(n - 1))
+    i = np.arange(n, dtype=np.float64)
+    from_start = np.float64(start32) + step * i
+    from_end = np.float64(end32) - step * (n - 1 - i)
+    return np.where(i < n // 2, from_start, from_end).astype(np.float32)
+
+
+def cosine_betas(n: int) -> Array:
+    """Improved DDPM cosine schedule: beta_t = 1 - alpha_bar((t + 1) / n) / alpha_bar(t / n), capped (Nichol 2021)."""
+    t = np.arange(n + 1, dtype=np.float64) / n
+    alpha_bar = np.cos((t + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
+    return np.minimum(1 - alpha_bar[1:] / alpha_bar[:-1], COSINE_MAX_BETA).astype(np.float32)
+
+
+def alphas_cumprod(config: SchedulerConfig) -> Array:
+    """a_t = prod_{s <= t} (1 - beta_s), the signal fraction of the DDPM forward process."""
+    # torch.cumprod accumulates float32 in double, so this is bitwise what diffusers gets.
+    return np.cumprod(np.float32(1) - betas(config), dtype=np.float64).astype(np.float32)
+
+
+def sigma_from_alpha_prod(alpha_prod: Array) -> Array:
+    """sigma = sqrt((1 - a) / a): the variance-exploding noise level of x / sqrt(a) (Karras et al. 2022, sec. 2)."""
+    return np.sqrt((np.float32(1) - alpha_prod) / alpha_prod)
+
+
+def train_sigmas(config: SchedulerConfig) -> Array:
+    """float32 sigma at each training timestep 0 .. num_train_timesteps - 1, ascending."""
+    return sigma_from_alpha_prod(alphas_cumprod(config))
+
+
+def spaced_timesteps(spacing: str, num_train_timesteps: int, steps: int, steps_offset: int) -> npt.NDArray[np.float64]:
+    """The descending timesteps of each spacing in Lin et al. 2024, "Common Diffusion Noise Schedules ...", table 2."""
+    n = num_train_timesteps
+    if spacing == "linspace":
+        # Fractional: Euler interpolates sigma between training timesteps; DDIM rounds.
+        return np.linspace(0, n - 1, steps)[::-1].copy()
+    if spacing == "leading":
+        return (np.arange(steps) * (n // steps))[::-1] + float(steps_offset)
+    # Trailing. np.arange with a float step yields one element too many for some step counts (1000 / 61 ...), which
+    # diffusers keeps as an extra step at timestep -1; the first `steps` are the intended ones.
+    return np.round(np.arange(n, 0, -n / steps))[:steps] - 1.0
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, steps: int) -> npt.NDArray[np.float64]:
+    """steps sigmas from sigma_max down to sigma_min, even in sigma ** (1 / rho) (Karras et al. 2022, eq. 5)."""
+    ramp = np.linspace(0, 1, steps)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / KARRAS_RHO), sigma_max ** (1 / KARRAS_RHO)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** KARRAS_RHO
+
+
+def sigma_to_t(sigmas: npt.ArrayLike, log_train_sigmas: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
+    """The fractional training timestep of each sigma, interpolating linearly in log sigma (k-diffusion's t(sigma))."""
+    log_sigma = np.log(np.maximum(np.asarray(sigmas), 1e-10))
+    above = log_sigma[np.newaxis, :] - log_train_sigmas[:, np.newaxis] >= 0
+    # The last training timestep whose sigma is at most this one, kept one short of the end to have a neighbour.
+    low = np.cumsum(above, axis=0).argmax(axis=0).clip(max=len(log_train_sigmas) - 2)
+    low_log, high_log = log_train_sigmas[low], log_train_sigmas[low + 1]
+    w = np.clip((low_log - log_sigma) / (low_log - high_log), 0, 1)
+    return (1 - w) * low + w * (low + 1)

@@ -1,0 +1,144 @@
+"""Our samplers stepped side by side with their diffusers twins on the same model outputs and noise."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from types import SimpleNamespace
+from typing import Any
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline
+
+from diffuserve.export.reference import DIFFUSERS_SCHEDULERS, diffusers_scheduler
+from diffuserve.server.schedulers import (
+    INITIAL_STATE,
+    SchedulerConfig,
+    get_sampler,
+    img2img_start,
+    make_plan,
+    noised_latents,
+)
+
+# Our sampler names, the diffusers scheduler each reproduces, and the settings that make it that sampler.
+REFERENCE = DIFFUSERS_SCHEDULERS
+
+# The bar for "the same numerics" (max |ours - theirs| / max |theirs|). Both compute in float32 in the same order and
+# differ by the odd last bit: torch's x ** 0.5 is not always sqrt(x); a reciprocal multiplies where diffusers divides.
+RTOL = 1e-5
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+SPACINGS = ("leading", "trailing", "linspace")
+
+# scheduler/scheduler_config.json of runwayml/stable-diffusion-v1-5, as published.
+SD15_CONFIG: dict[str, Any] = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
+
+def reference_scheduler(name: str, d: Mapping[str, Any]):
+    """diffusers' twin of sampler name, configured from the scheduler_config.json dict d."""
+    return diffusers_scheduler(name, d)
+
+
+def config_dict(**overrides: Any) -> dict[str, Any]:
+    """A scheduler_config.json dict; a None override leaves the key out, so the sampler default applies."""
+    d: dict[str, Any] = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012}
+    d.update(overrides)
+    return {key: value for key, value in d.items() if value is not None}
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(actual.astype(np.float64) - expected).max() / np.abs(expected).max())
+
+
+class NoiseFeed:
+    """Stands in for diffusers' randn_tensor inside a scheduler module: hands out the noise we drew, and counts."""
+
+    def __init__(self) -> None:
+        self.pending: np.ndarray | None = None
+        self.draws: list[int] = []
+        self.index = -1
+
+    def __call__(self, shape: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.draws.append(self.index)
+        assert self.pending is not None, f"diffusers drew noise at call {self.index}, where our plan draws none"
+        assert tuple(shape) == self.pending.shape
+        noise, self.pending = self.pending, None
+        return torch.from_numpy(noise.copy())
+
+
+@contextmanager
+def feeding_noise(reference: Any) -> Iterator[NoiseFeed]:
+    feed = NoiseFeed()
+    module = sys.modules[type(reference).__module__]
+    if hasattr(module, "randn_tensor"):
+        with mock.patch.object(module, "randn_tensor", feed):
+            yield feed
+    else:
+        yield feed
+
+
+def step_both(
+    name: str, d: Mapping[str, Any], steps: int, shape: tuple[int, ...], seed: int, strength: float = 1.0
+) -> None:
+    """Denoise with random model outputs (and noise) through ours and diffusers' scheduler, checking every call.
+
+    strength < 1 starts both where diffusers' img2img pipeline does, from the same latents noised the same way.
+    """
+    config = SchedulerConfig.from_dict(d)
+    sampler = get_sampler(name)
+    plan = make_plan(name, config, steps)
+    reference = reference_scheduler(name, d)
+    reference.set_timesteps(steps)
+    # Not bitwise: fractional timesteps come from log sigma, and torch's float32 sqrt is not always correctly rounded.
+    np.testing.assert_allclose(plan.timesteps, reference.timesteps.numpy().astype(np.float32), rtol=1e-6, atol=0)
+    assert plan.calls == len(reference.timesteps)
+    assert plan.order == reference.order
+    rng = np.random.default_rng(seed)
+
+    if strength == 1.0:
+        start, timesteps = 0, reference.timesteps
+        assert plan.init_noise_sigma == pytest.approx(float(reference.init_noise_sigma), rel=1e-6)
+        noise = rng.standard_normal(shape, dtype=np.float32)
+        ours = noise * np.float32(plan.init_noise_sigma)
+        theirs = torch.from_numpy(noise) * reference.init_noise_sigma
+    else:
+        pipe = SimpleNamespace(scheduler=reference)
+        timesteps, _ = StableDiffusionImg2ImgPipeline.get_timesteps(pipe, steps, strength, "cpu")
+        start = img2img_start(plan, strength)
+        assert start == plan.calls - len(timesteps)
+        original, noise = rng.standard_normal((2, *shape), dtype=np.float32)
+        ours = noised_latents(plan, start, original, noise)
+        latent_timestep = timesteps[:1].repeat(shape[0])
+        theirs = reference.add_noise(torch.from_numpy(original), torch.from_numpy(noise), latent_timestep)
+    assert ours.dtype == np.float32
+    assert relative_error(ours, theirs.numpy()) <= RTOL, "initial latents"
+
+    state = INITIAL_STATE
+    with feeding_noise(reference) as feed:
+        for index, t in enumerate(timesteps, start):
+            scaled = reference.scale_model_input(theirs, t).numpy()
+            assert relative_error(ours * plan.input_scales[index], scaled) <= RTOL, f"input scale, call {index}"
+            model_output = rng.standard_normal(shape, dtype=np.float32)
+            noise = rng.standard_normal(shape, dtype=np.float32) if plan.noise_calls[index] else None
+            feed.index, feed.pending = index, noise
+            ours, state = sampler.step(plan, index, ours, model_output, state, noise)
+            theirs = reference.step(torch.from_numpy(model_output), t, theirs).prev_sample
+            assert ours.dtype == np.float32
+            error = relative_error(ours, theirs.numpy())
+            assert error <= RTOL, f"call {index} (t={t}) of {plan.calls}: relative error {error:.2e}"
+    assert feed.draws == [i for i in range(start, plan.calls) if plan.noise_calls[i]], "noise draws differ"
