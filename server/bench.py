@@ -136,7 +136,8 @@ def unet_call_ms(model: ServedModel, params: GenerateParams) -> float:
 
 
 def sampler_costs(model: ServedModel, params: GenerateParams, steps: int) -> list[dict[str, float | str]]:
-    """Per sampler, the ms of its own arithmetic per U-Net call for one image, and the share of a U-Net call it is."""
+    """Per sampler, the ms of its own work per U-Net call for one image (arithmetic, and drawing the noise it takes,
+    in the request's noise mode), and the share of a guided U-Net call that is."""
     unet_ms = unet_call_ms(model, params)
     shape = (1, *model.manifest.latent_shape)
     rng = np.random.default_rng(0)
@@ -144,12 +145,13 @@ def sampler_costs(model: ServedModel, params: GenerateParams, steps: int) -> lis
     for name in model.schedulers:
         plan, sampler = make_plan(name, model.scheduler_config, steps), get_sampler(name)
         outputs = rng.standard_normal((plan.calls, *shape), dtype=np.float32)
-        noises = [rng.standard_normal(shape, dtype=np.float32) if draw else None for draw in plan.noise_calls]
 
-        def run_plan(plan=plan, sampler=sampler, outputs=outputs, noises=noises) -> None:
+        def run_plan(plan=plan, sampler=sampler, outputs=outputs) -> None:
+            generator = make_generator(params.noise_mode, BENCH_SEED)
             x, state = outputs[0], INITIAL_STATE
             for index in range(plan.calls):
-                x, state = sampler.step(plan, index, x, outputs[index], state, noises[index])
+                noise = generator.standard_normal(shape) if plan.noise_calls[index] else None
+                x, state = sampler.step(plan, index, x, outputs[index], state, noise)
 
         step_ms = _median_ms(run_plan) / plan.calls
         rows.append({"sampler": name, "calls": plan.calls, "step_ms": step_ms, "unet_share": step_ms / unet_ms})
@@ -183,7 +185,9 @@ def format_sampler_table(rows: list[dict[str, float | str]], steps: int) -> str:
     lines = [f"{'sampler (one image)':<24}{'calls':>7}{'ms/call':>10}{'of U-Net':>10}", "-" * 51]
     for row in rows:
         lines.append(f"{row['sampler']:<24}{row['calls']:>7}{row['step_ms']:>10.3f}{row['unet_share']:>10.2%}")
-    return "\n".join(lines) + f"\n(ms/call: the sampler's own arithmetic per U-Net call at {steps} steps)"
+    return (
+        "\n".join(lines) + f"\n(ms/call: the sampler's own work per U-Net call at {steps} steps, noise draws included)"
+    )
 
 
 def run_bench(options: BenchOptions, json_path: str | None = None) -> dict:

@@ -101,11 +101,17 @@ def step_both(
     """
     config = SchedulerConfig.from_dict(d)
     sampler = get_sampler(name)
-    plan = make_plan(name, config, steps)
+    try:
+        plan = make_plan(name, config, steps)
+    except ValueError as error:
+        # Configurations where diffusers fails or goes wrong are refused; each family's tests pin its refusals.
+        assert "allowed:" in str(error), error
+        pytest.skip(f"{name} refuses this configuration: {error}")
     reference = reference_scheduler(name, d)
     reference.set_timesteps(steps)
     # Not bitwise: fractional timesteps come from log sigma, and torch's float32 sqrt is not always correctly rounded.
-    np.testing.assert_allclose(plan.timesteps, reference.timesteps.numpy().astype(np.float32), rtol=1e-6, atol=0)
+    # (atol: Karras timesteps near 0 are far below one training step, where that last bit is a large relative error.)
+    np.testing.assert_allclose(plan.timesteps, reference.timesteps.numpy().astype(np.float32), rtol=1e-6, atol=1e-4)
     assert plan.calls == len(reference.timesteps)
     assert plan.order == reference.order
     rng = np.random.default_rng(seed)

@@ -14,7 +14,14 @@ from types import MappingProxyType
 from .base import INITIAL_STATE, Array, Plan, Sampler, State, select_rows
 from .config import SchedulerConfig
 from .ddim import DDIMSampler
+from .dpm import DPMSolverSampler
 from .euler import EulerSampler
+from .euler_ancestral import EulerAncestralSampler
+from .heun import HeunSampler
+from .lcm import LCMSampler
+from .lms import LMSSampler
+from .pndm import PNDMSampler
+from .unipc import UniPCSampler
 
 __all__ = [
     "INITIAL_STATE",
@@ -38,7 +45,16 @@ SAMPLERS: Mapping[str, Sampler] = MappingProxyType(
         s.name: s
         for s in (
             DDIMSampler(),
+            PNDMSampler(),
             EulerSampler(),
+            EulerAncestralSampler(),
+            HeunSampler(),
+            LMSSampler(),
+            DPMSolverSampler("dpmpp_2m", sde=False, karras=False),
+            DPMSolverSampler("dpmpp_2m_karras", sde=False, karras=True),
+            DPMSolverSampler("dpmpp_2m_sde_karras", sde=True, karras=True),
+            UniPCSampler(),
+            LCMSampler(),
         )
     }
 )
@@ -62,6 +78,9 @@ FALLBACK_SAMPLER = "euler"
 # A server sees few distinct (sampler, config, steps) triples: one config per loaded model times the step counts
 # clients ask for. Each plan is a few arrays of `steps` floats, so this bounds memory at well under a megabyte.
 PLAN_CACHE_SIZE = 256
+# Step counts tried to tell a sampler that cannot run a config at all from one with limits on the steps (PNDM's
+# Runge-Kutta warm-up needs 4 steps or more; LCM allows at most its original_inference_steps).
+AVAILABILITY_STEPS = (1, 25)
 
 
 def get_sampler(name: str) -> Sampler:
@@ -91,14 +110,20 @@ def default_sampler_name(config: SchedulerConfig) -> str:
 
 
 def available_samplers(config: SchedulerConfig) -> dict[str, str]:
-    """Each sampler's name mapped to why it cannot run this config ("" when it can), in SAMPLERS order."""
+    """Each sampler's name mapped to why it cannot run this config ("" when it can), in SAMPLERS order.
+
+    A sampler that runs at some step count is offered; a request's own step count is checked when it arrives.
+    """
     reasons = {}
     for name in SAMPLERS:
-        try:
-            make_plan(name, config, 1)
-            reasons[name] = ""
-        except ValueError as error:
-            reasons[name] = str(error)
+        reasons[name] = ""
+        for steps in AVAILABILITY_STEPS:
+            try:
+                make_plan(name, config, steps)
+                reasons[name] = ""
+                break
+            except ValueError as error:
+                reasons[name] = str(error)
     return reasons
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -31,13 +31,10 @@ def unsupported(key: str, value: object, allowed: object) -> ValueError:
     return ValueError(f"scheduler config {key}={value!r} is not supported; allowed: {allowed}")
 
 
-def _hashable(value: Any) -> Any:
-    """A JSON value made hashable (lists to tuples, objects to sorted item tuples), so configs can key caches."""
-    if isinstance(value, list):
-        return tuple(_hashable(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
-    return value
+def _canonical_json(d: Mapping[str, Any]) -> str:
+    """One spelling per JSON object, so equal configs compare and hash equal, and true never equals 1 as it would in
+    a tuple (a plan cached for one must not serve the other). NaN and infinity pass, for the samplers to refuse."""
+    return json.dumps(d, sort_keys=True, separators=(",", ":"))
 
 
 def _is_int(value: object) -> bool:
@@ -53,22 +50,24 @@ class SchedulerConfig:
     """The model's scheduler_config.json. None = the sampler's own diffusers default."""
 
     num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
+    # None: the sampler's own diffusers default (most: 0.0001 to 0.02, linear; see schedule.BetaDefaults).
+    beta_start: float | None = None
+    beta_end: float | None = None
+    beta_schedule: str | None = None
     prediction_type: str = "epsilon"
     steps_offset: int = 0
     # None: the sampler's own default (e.g. Euler: linspace, DDIM: leading), as diffusers' from_config does.
     timestep_spacing: str | None = None
-    set_alpha_to_one: bool = True
+    # None: the sampler's own default (DDIM and LCM: true, PNDM: false).
+    set_alpha_to_one: bool | None = None
     # None: the sampler's own default (DDIM: True; Euler never clips).
     clip_sample: bool | None = None
     clip_sample_range: float = 1.0
     # "_class_name" of the file, e.g. "PNDMScheduler".
     class_name: str = ""
-    # Every other key of the file, sorted, values made hashable: the sampler-specific ones (solver_order,
-    # use_karras_sigmas, skip_prk_steps ...) each sampler reads and checks through option().
-    options: tuple[tuple[str, Any], ...] = ()
+    # Every other key of the file as canonical JSON: the sampler-specific ones (solver_order, use_karras_sigmas,
+    # skip_prk_steps ...) each sampler reads and checks through option().
+    options: str = "{}"
 
     def __post_init__(self) -> None:
         if not _is_int(self.num_train_timesteps) or self.num_train_timesteps < 1:
@@ -76,37 +75,35 @@ class SchedulerConfig:
         for key in ("beta_start", "beta_end"):
             value = getattr(self, key)
             # beta = 0 would make sigma zero at t = 0, where the Euler derivative divides by sigma.
-            if not _is_real(value) or not 0 < value < 1:
-                raise unsupported(key, value, "a number in (0, 1)")
-        if self.beta_schedule not in BETA_SCHEDULES:
-            raise unsupported("beta_schedule", self.beta_schedule, ", ".join(BETA_SCHEDULES))
+            if value is not None and (not _is_real(value) or not 0 < value < 1):
+                raise unsupported(key, value, "a number in (0, 1) or null")
+        if self.beta_schedule is not None and self.beta_schedule not in BETA_SCHEDULES:
+            raise unsupported("beta_schedule", self.beta_schedule, ", ".join(BETA_SCHEDULES) + " or null")
         if self.prediction_type not in PREDICTION_TYPES:
             raise unsupported("prediction_type", self.prediction_type, ", ".join(PREDICTION_TYPES))
         if not _is_int(self.steps_offset) or self.steps_offset < 0:
             raise unsupported("steps_offset", self.steps_offset, "an integer >= 0")
         if self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
             raise unsupported("timestep_spacing", self.timestep_spacing, ", ".join(TIMESTEP_SPACINGS) + " or null")
-        if not isinstance(self.set_alpha_to_one, bool):
-            raise unsupported("set_alpha_to_one", self.set_alpha_to_one, "true, false")
+        if self.set_alpha_to_one is not None and not isinstance(self.set_alpha_to_one, bool):
+            raise unsupported("set_alpha_to_one", self.set_alpha_to_one, "true, false or null")
         if self.clip_sample is not None and not isinstance(self.clip_sample, bool):
             raise unsupported("clip_sample", self.clip_sample, "true, false or null")
         if not _is_real(self.clip_sample_range) or not self.clip_sample_range > 0:
             raise unsupported("clip_sample_range", self.clip_sample_range, "a number > 0")
         if not isinstance(self.class_name, str):
             raise unsupported("_class_name", self.class_name, "a string")
+        if not isinstance(self.options, str) or not isinstance(json.loads(self.options), dict):
+            raise unsupported("options", self.options, "a JSON object")
 
     def option(self, key: str, default: Any = None) -> Any:
         """A sampler-specific key of the file; default when it is absent or null."""
-        value = dict(self.options).get(key)
+        value = json.loads(self.options).get(key)
         return default if value is None else value
 
     def with_options(self, **overrides: Any) -> SchedulerConfig:
         """This config with some sampler-specific keys set, e.g. a Karras sampler's use_karras_sigmas=True."""
-        merged = {**dict(self.options), **{key: _hashable(value) for key, value in overrides.items()}}
-        return SchedulerConfig(**{**self._fields(), "options": tuple(sorted(merged.items()))})
-
-    def _fields(self) -> dict[str, Any]:
-        return {field.name: getattr(self, field.name) for field in fields(self)}
+        return replace(self, options=_canonical_json({**json.loads(self.options), **overrides}))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SchedulerConfig:
@@ -130,8 +127,8 @@ class SchedulerConfig:
                 values[key] = float(values[key])
         # Bookkeeping keys ("_diffusers_version") never change numerics; the shared keys above hold their defaults.
         skip = named | set(ONLY_SUPPORTED_VALUES)
-        rest = {k: _hashable(v) for k, v in d.items() if k not in skip and not k.startswith("_") and v is not None}
-        return cls(**values, options=tuple(sorted(rest.items())))
+        rest = {k: v for k, v in d.items() if k not in skip and not k.startswith("_") and v is not None}
+        return cls(**values, options=_canonical_json(rest))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> SchedulerConfig:
@@ -145,17 +142,8 @@ class SchedulerConfig:
     def to_dict(self) -> dict[str, Any]:
         """The scheduler_config.json form that from_dict reads back; unset (None) fields are left out."""
         d = {key: value for key, value in asdict(self).items() if value is not None}
-        d.update(_jsonable(dict(d.pop("options"))))
+        d.update(json.loads(d.pop("options")))
         class_name = d.pop("class_name")
         if class_name:
             d["_class_name"] = class_name
         return d
-
-
-def _jsonable(value: Any) -> Any:
-    """Undo _hashable for writing JSON: tuples back to lists (an object's item pairs come back as pair lists)."""
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    return value

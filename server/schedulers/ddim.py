@@ -41,8 +41,8 @@ def integer_timesteps(config: SchedulerConfig, steps: int, default_spacing: str)
 
 
 def final_alpha_prod(config: SchedulerConfig, train_alpha_prod: Array) -> np.float32:
-    """Where the last step lands: a = 1 (a clean sample), or a_0 without set_alpha_to_one."""
-    return np.float32(1) if config.set_alpha_to_one else train_alpha_prod[0]
+    """Where the last step lands: a = 1 (a clean sample; the default), or a_0 when set_alpha_to_one is false."""
+    return train_alpha_prod[0] if config.set_alpha_to_one is False else np.float32(1)
 
 
 class DDIMSampler:

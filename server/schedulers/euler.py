@@ -13,7 +13,7 @@ import numpy as np
 from .base import Array, Plan, State, check_step, frozen, no_noise
 from .config import SchedulerConfig, unsupported
 from .ops import axpy, denoised, euler_step, to_d
-from .schedule import check_steps, karras_sigmas, sigma_to_t, spaced_timesteps, train_sigmas
+from .schedule import DDPM_BETAS, BetaDefaults, check_steps, karras_sigmas, sigma_to_t, spaced_timesteps, train_sigmas
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -30,17 +30,41 @@ def use_karras_sigmas(config: SchedulerConfig) -> bool:
     return value
 
 
-def discrete_sigmas(config: SchedulerConfig, steps: int, default_spacing: str) -> tuple[np.ndarray, np.ndarray]:
-    """The float32 timesteps [steps] and sigmas [steps + 1, ending in 0] of the k-diffusion style samplers."""
+def karras_bounds(config: SchedulerConfig, sigmas: np.ndarray) -> tuple[float, float]:
+    """The (sigma_min, sigma_max) of a Karras schedule: the config's own keys where the file has them (diffusers reads
+    them whichever class the file was written for), else the ends of the spaced sigmas."""
+    bounds = []
+    for key, fallback in (("sigma_min", sigmas[-1].item()), ("sigma_max", sigmas[0].item())):
+        value = config.option(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not value > 0):
+            raise unsupported(key, value, "a number > 0 or null")
+        bounds.append(fallback if value is None else value)
+    return bounds[0], bounds[1]
+
+
+def discrete_sigmas(
+    config: SchedulerConfig,
+    steps: int,
+    default_spacing: str,
+    karras: bool | None = None,
+    betas: BetaDefaults = DDPM_BETAS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The float32 timesteps [steps] and sigmas [steps + 1, ending in 0] of the k-diffusion style samplers.
+
+    karras: Karras et al.'s sigma spacing or not; None reads use_karras_sigmas, for the classes that have that key.
+    betas: the class's own beta defaults, for a config that leaves them out.
+    """
     n = config.num_train_timesteps
     spacing = config.timestep_spacing or default_spacing
     timesteps = spaced_timesteps(spacing, n, steps, config.steps_offset).astype(np.float32)
-    train = train_sigmas(config)
+    train = train_sigmas(config, betas)
     # Linear interpolation between training timesteps, in float64 and then rounded, as diffusers does; a timestep
     # past the last (leading spacing with steps_offset) clamps to the last sigma there too.
     sigmas = np.interp(timesteps, np.arange(n), train)
-    if use_karras_sigmas(config):
-        sigmas = karras_sigmas(sigmas[-1].item(), sigmas[0].item(), steps)
+    if karras is None:
+        karras = use_karras_sigmas(config)
+    if karras:
+        sigmas = karras_sigmas(*karras_bounds(config, sigmas), steps)
         timesteps = sigma_to_t(sigmas, np.log(train)).astype(np.float32)
     return timesteps, np.append(sigmas, 0.0).astype(np.float32)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +25,21 @@ COSINE_MAX_BETA = 0.999
 KARRAS_RHO = 7.0
 
 
+@dataclass(frozen=True)
+class BetaDefaults:
+    """A diffusers scheduler class's own beta range and schedule, used where the model's config leaves them out."""
+
+    start: float
+    end: float
+    schedule: str
+
+
+# Most classes default to DDPM's range; Heun's and LCM's defaults are latent diffusion's.
+DDPM_BETAS = BetaDefaults(0.0001, 0.02, "linear")
+HEUN_BETAS = BetaDefaults(0.00085, 0.012, "linear")
+LCM_BETAS = BetaDefaults(0.00085, 0.012, "scaled_linear")
+
+
 def check_steps(config: SchedulerConfig, steps: int, most: int | None = None) -> None:
     """ValueError unless steps is an integer in 1 .. most (default: num_train_timesteps)."""
     most = config.num_train_timesteps if most is None else most
@@ -32,15 +48,22 @@ def check_steps(config: SchedulerConfig, steps: int, most: int | None = None) ->
         raise ValueError(f"steps={steps!r} is not supported; allowed: an integer in 1 .. {most}")
 
 
-def betas(config: SchedulerConfig) -> Array:
+def betas(config: SchedulerConfig, defaults: BetaDefaults = DDPM_BETAS) -> Array:
     """beta_t for t = 0 .. num_train_timesteps - 1, the DDPM forward-process variances."""
     n = config.num_train_timesteps
-    if config.beta_schedule == "linear":
-        return linspace_float32(config.beta_start, config.beta_end, n)
-    if config.beta_schedule == "scaled_linear":
+    start = defaults.start if config.beta_start is None else config.beta_start
+    end = defaults.end if config.beta_end is None else config.beta_end
+    schedule = beta_schedule(config, defaults)
+    if schedule == "linear":
+        return linspace_float32(start, end, n)
+    if schedule == "scaled_linear":
         # Latent diffusion's schedule: linear in sqrt(beta), squared in float32 as diffusers does.
-        return linspace_float32(math.sqrt(config.beta_start), math.sqrt(config.beta_end), n) ** 2
+        return linspace_float32(math.sqrt(start), math.sqrt(end), n) ** 2
     return cosine_betas(n)
+
+
+def beta_schedule(config: SchedulerConfig, defaults: BetaDefaults = DDPM_BETAS) -> str:
+    return defaults.schedule if config.beta_schedule is None else config.beta_schedule
 
 
 def linspace_float32(start: float, end: float, n: int) -> Array:
@@ -67,10 +90,10 @@ def cosine_betas(n: int) -> Array:
     return np.minimum(1 - alpha_bar[1:] / alpha_bar[:-1], COSINE_MAX_BETA).astype(np.float32)
 
 
-def alphas_cumprod(config: SchedulerConfig) -> Array:
+def alphas_cumprod(config: SchedulerConfig, defaults: BetaDefaults = DDPM_BETAS) -> Array:
     """a_t = prod_{s <= t} (1 - beta_s), the signal fraction of the DDPM forward process."""
     # torch.cumprod accumulates float32 in double, so this is bitwise what diffusers gets.
-    return np.cumprod(np.float32(1) - betas(config), dtype=np.float64).astype(np.float32)
+    return np.cumprod(np.float32(1) - betas(config, defaults), dtype=np.float64).astype(np.float32)
 
 
 def sigma_from_alpha_prod(alpha_prod: Array) -> Array:
@@ -78,9 +101,9 @@ def sigma_from_alpha_prod(alpha_prod: Array) -> Array:
     return np.sqrt((np.float32(1) - alpha_prod) / alpha_prod)
 
 
-def train_sigmas(config: SchedulerConfig) -> Array:
+def train_sigmas(config: SchedulerConfig, defaults: BetaDefaults = DDPM_BETAS) -> Array:
     """float32 sigma at each training timestep 0 .. num_train_timesteps - 1, ascending."""
-    return sigma_from_alpha_prod(alphas_cumprod(config))
+    return sigma_from_alpha_prod(alphas_cumprod(config, defaults))
 
 
 def spaced_timesteps(spacing: str, num_train_timesteps: int, steps: int, steps_offset: int) -> npt.NDArray[np.float64]:
