@@ -127,7 +127,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, format_table, meets_targets
 
-    results = evaluate(args.model, args.count, args.seed)
+    results = evaluate(args.model, args.count, args.seed, args.sampler)
     print(f"{args.count} prompts from the shapes grammar, one image each per sampler, through the gRPC server")
     print(format_table(results))
     if args.json:
@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=str(BUNDLED_MODEL))
     p.add_argument("--count", type=int, default=100, help="prompts (one image each) per sampler")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--sampler", action="append", default=[], choices=list(SAMPLERS), help="repeat for several; default: all"
+    )
     p.add_argument("--json", help="also write the results here")
     p.set_defaults(func=cmd_evaluate)
 

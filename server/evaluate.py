@@ -72,21 +72,25 @@ def accuracy(stub: pb_grpc.DiffusionServiceStub, cases: Sequence[Case], schedule
     return {attribute: right[attribute] / len(cases) for attribute in ATTRIBUTES}
 
 
-def evaluate(model_dir: str | Path, count: int = 100, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Accuracy per sampler and attribute, with the model's default steps and guidance."""
+def evaluate(
+    model_dir: str | Path, count: int = 100, seed: int = 0, samplers: Sequence[str] = ()
+) -> dict[str, dict[str, float]]:
+    """Accuracy per sampler (default: every one the model offers) and attribute, with the model's default steps and
+    guidance."""
     cases = evaluation_cases(count, seed)
     with serving(model_dir) as stub:
         (model,) = stub.ListModels(pb.ListModelsRequest()).models
-        samplers = [scheduler_name(s) for s in model.schedulers]
+        samplers = samplers or [scheduler_name(s) for s in model.schedulers]
         return {sampler: accuracy(stub, cases, sampler) for sampler in samplers}
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
-    header = f"{'sampler':<10}" + "".join(f"{a:>10}" for a in ("fg colour", "bg colour", "shape"))
+    width = max(len(name) for name in [*results, "sampler"]) + 2
+    header = f"{'sampler':<{width}}" + "".join(f"{a:>10}" for a in ("fg colour", "bg colour", "shape"))
     rows = [header, "-" * len(header)]
     for sampler, scores in results.items():
-        rows.append(f"{sampler:<10}" + "".join(f"{scores[a]:>10.1%}" for a in ATTRIBUTES))
-    rows.append(f"{'target':<10}" + "".join(f"{TARGETS[a]:>10.0%}" for a in ATTRIBUTES))
+        rows.append(f"{sampler:<{width}}" + "".join(f"{scores[a]:>10.1%}" for a in ATTRIBUTES))
+    rows.append(f"{'target':<{width}}" + "".join(f"{TARGETS[a]:>10.0%}" for a in ATTRIBUTES))
     return "\n".join(rows)
 
 

@@ -26,6 +26,11 @@ LONG = 150  # the most steps a request may ask for: long enough to act on while 
 BLOCKER = 100  # long enough that requests sent after it starts are sure to queue behind it
 
 
+def euler_request(**fields) -> pb.GenerateRequest:
+    """A request for Euler: one U-Net call per step, so the step counts here are the worker's call counts."""
+    return pb.GenerateRequest(scheduler=pb.SCHEDULER_EULER, **fields)
+
+
 @contextmanager
 def serving(model: ServedModel, **worker):
     config = ServerConfig(model_dirs=(), host="127.0.0.1", port=0, worker=WorkerConfig(**worker))
@@ -37,7 +42,7 @@ def serving(model: ServedModel, **worker):
 def busy(stub: pb_grpc.DiffusionServiceStub, steps: int = BLOCKER):
     """Keeps the worker on an incompatible request (other step count), so requests sent meanwhile queue up together."""
     with ThreadPoolExecutor(1) as pool:
-        blocker = pool.submit(stub.Generate, pb.GenerateRequest(prompt="a yellow square", steps=steps))
+        blocker = pool.submit(stub.Generate, euler_request(prompt="a yellow square", steps=steps))
         time.sleep(0.2)
         yield
         blocker.result(timeout=120)
@@ -52,7 +57,7 @@ def wait_idle(server: BackgroundServer, timeout: float = 30.0) -> None:
 
 def test_stream_events_come_in_order(tiny_model: ServedModel) -> None:
     with serving(tiny_model) as (_, stub, _):
-        request = pb.GenerateRequest(prompt="a red circle", steps=6, seeds=[1, 2], preview_interval=3)
+        request = euler_request(prompt="a red circle", steps=6, seeds=[1, 2], preview_interval=3)
         events = list(stub.GenerateStream(request))
     kinds = [e.WhichOneof("event") for e in events]
     assert kinds == ["queued"] + ["progress"] * 6 + ["image"] * 2 + ["completed"]
@@ -69,9 +74,9 @@ def test_stream_events_come_in_order(tiny_model: ServedModel) -> None:
 
 def test_cancelled_stream_stops_within_a_step_and_spares_its_batch_mate(tiny_model: ServedModel) -> None:
     with serving(tiny_model) as (server, stub, _):
-        request = pb.GenerateRequest(prompt="a blue square", steps=LONG, seeds=[5])
+        request = euler_request(prompt="a blue square", steps=LONG, seeds=[5])
         with busy(stub, steps=BLOCKER), ThreadPoolExecutor(1) as pool:
-            mate = pool.submit(stub.Generate, pb.GenerateRequest(prompt="a green circle", steps=LONG, seeds=[6]))
+            mate = pool.submit(stub.Generate, euler_request(prompt="a green circle", steps=LONG, seeds=[6]))
             call = stub.GenerateStream(request)
             cancelled_at = 0
             for event in call:
@@ -90,20 +95,20 @@ def test_cancelled_stream_stops_within_a_step_and_spares_its_batch_mate(tiny_mod
 def test_deadline_stops_the_request_and_the_server_goes_on(tiny_model: ServedModel) -> None:
     with serving(tiny_model) as (server, stub, _):
         with pytest.raises(grpc.RpcError) as error:
-            stub.Generate(pb.GenerateRequest(prompt="a red circle", steps=LONG), timeout=0.5)
+            stub.Generate(euler_request(prompt="a red circle", steps=LONG), timeout=0.5)
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         wait_idle(server)
         assert server.running.worker.steps_run < LONG
-        assert stub.Generate(pb.GenerateRequest(prompt="a red circle", steps=2)).images
+        assert stub.Generate(euler_request(prompt="a red circle", steps=2)).images
 
 
 def test_request_that_cannot_start_before_its_deadline_never_uses_the_engines(tiny_model: ServedModel) -> None:
     with serving(tiny_model, batching=False) as (server, stub, _):
         with ThreadPoolExecutor(1) as pool:
-            long = pool.submit(stub.Generate, pb.GenerateRequest(prompt="a red circle", steps=LONG))
+            long = pool.submit(stub.Generate, euler_request(prompt="a red circle", steps=LONG))
             time.sleep(0.2)  # the long request is running, for about a second more
             with pytest.raises(grpc.RpcError) as error:
-                stub.Generate(pb.GenerateRequest(prompt="a red circle", steps=LONG), timeout=0.3)
+                stub.Generate(euler_request(prompt="a red circle", steps=LONG), timeout=0.3)
             long.result(timeout=120)
         wait_idle(server)
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -115,7 +120,7 @@ def test_full_queue_refuses_at_once_and_loses_nothing_accepted(tiny_model: Serve
 
         def call(seed: int):
             try:
-                return stub.Generate(pb.GenerateRequest(prompt="a red circle", steps=30, seeds=[seed]))
+                return stub.Generate(euler_request(prompt="a red circle", steps=30, seeds=[seed]))
             except grpc.RpcError as e:
                 return e
 
@@ -133,8 +138,8 @@ def test_full_queue_refuses_at_once_and_loses_nothing_accepted(tiny_model: Serve
 
 def test_batched_images_are_bit_identical_to_images_made_alone(tiny_model: ServedModel) -> None:
     requests = [
-        pb.GenerateRequest(prompt="a red circle", steps=8, seeds=[11], guidance_scale=7.5),
-        pb.GenerateRequest(prompt="a blue triangle", negative_prompt="green", steps=8, seeds=[12], guidance_scale=4.0),
+        euler_request(prompt="a red circle", steps=8, seeds=[11], guidance_scale=7.5),
+        euler_request(prompt="a blue triangle", negative_prompt="green", steps=8, seeds=[12], guidance_scale=4.0),
     ]
     with serving(tiny_model, batching=False) as (_, stub, _):
         alone = [stub.Generate(r) for r in requests]
@@ -148,13 +153,13 @@ def test_batched_images_are_bit_identical_to_images_made_alone(tiny_model: Serve
 
 def test_a_lone_caller_never_waits_for_batch_company(tiny_model: ServedModel) -> None:
     with serving(tiny_model, max_batch_wait_ms=2000) as (_, stub, _):
-        timings = [stub.Generate(pb.GenerateRequest(prompt="a red circle", steps=2)).timings for _ in range(3)]
+        timings = [stub.Generate(euler_request(prompt="a red circle", steps=2)).timings for _ in range(3)]
     assert all(t.queue_ms < 500 and t.batch_size == 1 for t in timings)
 
 
 def test_health_and_listing_answer_while_a_batch_denoises(tiny_model: ServedModel) -> None:
     with serving(tiny_model) as (_, stub, channel), ThreadPoolExecutor(1) as pool:
-        busy = pool.submit(stub.Generate, pb.GenerateRequest(prompt="a red circle", steps=LONG))
+        busy = pool.submit(stub.Generate, euler_request(prompt="a red circle", steps=LONG))
         time.sleep(0.3)
         start = time.perf_counter()
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
@@ -168,7 +173,7 @@ def test_health_and_listing_answer_while_a_batch_denoises(tiny_model: ServedMode
 
 def test_every_response_carries_the_timing_breakdown(tiny_model: ServedModel) -> None:
     with serving(tiny_model) as (_, stub, _):
-        t = stub.Generate(pb.GenerateRequest(prompt="a red circle", steps=3)).timings
+        t = stub.Generate(euler_request(prompt="a red circle", steps=3)).timings
     assert t.queue_ms >= 0 and t.text_encoder_ms > 0 and t.denoise_ms >= t.unet_ms > 0
     assert t.vae_decode_ms > 0 and t.image_encode_ms > 0 and t.batch_size == 1
     assert t.total_ms >= t.text_encoder_ms + t.denoise_ms + t.vae_decode_ms
@@ -188,7 +193,7 @@ def test_sigterm_drains_the_request_in_flight_and_exits_cleanly(tiny_export: Pat
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             grpc.channel_ready_future(channel).result(timeout=60)
             stub = pb_grpc.DiffusionServiceStub(channel)
-            stream = stub.GenerateStream(pb.GenerateRequest(prompt="a red circle", steps=LONG))
+            stream = stub.GenerateStream(euler_request(prompt="a red circle", steps=LONG))
             events = []
             for event in stream:
                 events.append(event)
@@ -197,7 +202,7 @@ def test_sigterm_drains_the_request_in_flight_and_exits_cleanly(tiny_export: Pat
             os.kill(process.pid, signal.SIGTERM)
             time.sleep(0.3)
             with pytest.raises(grpc.RpcError) as refused:
-                stub.Generate(pb.GenerateRequest(prompt="a red circle", steps=2))
+                stub.Generate(euler_request(prompt="a red circle", steps=2))
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
             events.extend(stream)
         assert process.wait(timeout=60) == 0
@@ -211,6 +216,6 @@ def test_sigterm_drains_the_request_in_flight_and_exits_cleanly(tiny_export: Pat
 
 def test_stopping_a_server_ends_its_inference_thread(tiny_model: ServedModel) -> None:
     with serving(tiny_model) as (server, stub, _):
-        stub.Generate(pb.GenerateRequest(prompt="a red circle", steps=2))
+        stub.Generate(euler_request(prompt="a red circle", steps=2))
         assert server.running.worker.alive
     assert not server.running.worker.alive
