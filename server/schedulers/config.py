@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
@@ -100,6 +101,22 @@ class SchedulerConfig:
         """A sampler-specific key of the file; default when it is absent or null."""
         value = json.loads(self.options).get(key)
         return default if value is None else value
+
+    def flag(self, key: str, default: bool) -> bool:
+        """A boolean sampler-specific key; unsupported unless true, false or null."""
+        value = self.option(key, default)
+        if not isinstance(value, bool):
+            raise unsupported(key, value, "true, false or null")
+        return value
+
+    def positive(self, key: str) -> float | None:
+        """A sampler-specific key that is a finite number > 0, or None where it is absent or null."""
+        value = self.option(key)
+        if value is None:
+            return None
+        if not _is_real(value) or not 0 < value < math.inf:
+            raise unsupported(key, value, "a number > 0 or null")
+        return float(value)
 
     def with_options(self, **overrides: Any) -> SchedulerConfig:
         """This config with some sampler-specific keys set, e.g. a Karras sampler's use_karras_sigmas=True."""

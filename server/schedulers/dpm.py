@@ -102,27 +102,9 @@ def vp_noised_at(alpha: np.float32, noise_scale: np.float32, original: np.ndarra
 # --- The noise levels, shared with UniPC. ---
 
 
-def boolean_option(config: SchedulerConfig, key: str, default: bool) -> bool:
-    """A boolean sampler-specific key; unsupported unless true, false or null."""
-    value = config.option(key, default)
-    if not isinstance(value, bool):
-        raise unsupported(key, value, "true, false or null")
-    return value
-
-
-def positive_option(config: SchedulerConfig, key: str) -> float | None:
-    """A key that is a number > 0 or null (None)."""
-    value = config.option(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
-        raise unsupported(key, value, "a number > 0 or null")
-    return float(value)
-
-
 def refuse_flow_sigmas(config: SchedulerConfig) -> None:
     """Flow-matching sigmas belong to other model families (SD3, Flux); Stable Diffusion's are discrete DDPM ones."""
-    if boolean_option(config, "use_flow_sigmas", False):
+    if config.flag("use_flow_sigmas", False):
         raise unsupported("use_flow_sigmas", True, "false or null")
 
 
@@ -156,7 +138,7 @@ def solver_timesteps(config: SchedulerConfig, steps: int, last_timestep: int) ->
 def karras_range(config: SchedulerConfig, train: Array) -> tuple[float, float]:
     """The (sigma_min, sigma_max) of a Karras schedule: the config's own, else the ends of the training sigmas."""
     # diffusers keeps these keys of compatible schedulers (Euler's) in a DPM-Solver config too, and reads them here.
-    sigma_min, sigma_max = positive_option(config, "sigma_min"), positive_option(config, "sigma_max")
+    sigma_min, sigma_max = config.positive("sigma_min"), config.positive("sigma_max")
     sigma_min = train[0].item() if sigma_min is None else sigma_min
     sigma_max = train[-1].item() if sigma_max is None else sigma_max
     if not sigma_min < sigma_max:
@@ -248,8 +230,8 @@ def check_dpm_options(config: SchedulerConfig) -> None:
         raise unsupported("solver_order", config.option("solver_order"), SOLVER_ORDER)
     # With the final noise level 0 (the only final_sigmas_type supported) diffusers takes a first-order last step
     # whatever these say.
-    boolean_option(config, "lower_order_final", True)
-    boolean_option(config, "euler_at_final", False)
+    config.flag("lower_order_final", True)
+    config.flag("euler_at_final", False)
     refuse_flow_sigmas(config)
     variance_type = config.option("variance_type")
     # A learned variance would be the second half of the channels of an eps prediction, which diffusers drops.
@@ -314,7 +296,7 @@ class DPMSolverSampler:
             config,
             steps,
             last_timestep=clipped_last_timestep(config),
-            lu_lambdas=boolean_option(config, "use_lu_lambdas", False),
+            lu_lambdas=config.flag("use_lu_lambdas", False),
             round_cosine_timesteps=False,
         )
         alphas, noise_scales = vp_scales(sigmas)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .base import Array, Plan, State, check_step, frozen, no_noise
-from .config import SchedulerConfig, unsupported
+from .config import SchedulerConfig
 from .ops import axpy, denoised, euler_step, to_d
 from .schedule import DDPM_BETAS, BetaDefaults, check_steps, karras_sigmas, sigma_to_t, spaced_timesteps, train_sigmas
 
@@ -24,22 +24,17 @@ class SigmaPlan(Plan):
 
 def use_karras_sigmas(config: SchedulerConfig) -> bool:
     """The config's use_karras_sigmas, checked to be a boolean."""
-    value = config.option("use_karras_sigmas", False)
-    if not isinstance(value, bool):
-        raise unsupported("use_karras_sigmas", value, "true, false or null")
-    return value
+    return config.flag("use_karras_sigmas", False)
 
 
 def karras_bounds(config: SchedulerConfig, sigmas: np.ndarray) -> tuple[float, float]:
     """The (sigma_min, sigma_max) of a Karras schedule: the config's own keys where the file has them (diffusers reads
     them whichever class the file was written for), else the ends of the spaced sigmas."""
-    bounds = []
-    for key, fallback in (("sigma_min", sigmas[-1].item()), ("sigma_max", sigmas[0].item())):
-        value = config.option(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not value > 0):
-            raise unsupported(key, value, "a number > 0 or null")
-        bounds.append(fallback if value is None else value)
-    return bounds[0], bounds[1]
+    sigma_min, sigma_max = config.positive("sigma_min"), config.positive("sigma_max")
+    return (
+        sigmas[-1].item() if sigma_min is None else sigma_min,
+        sigmas[0].item() if sigma_max is None else sigma_max,
+    )
 
 
 def discrete_sigmas(

@@ -53,10 +53,7 @@ class PNDMPlan(Plan):
 
 def skip_prk_steps(config: SchedulerConfig) -> bool:
     """The config's skip_prk_steps (default False, diffusers' class default), checked to be a boolean."""
-    value = config.option("skip_prk_steps", False)
-    if not isinstance(value, bool):
-        raise unsupported("skip_prk_steps", value, "true, false or null")
-    return value
+    return config.flag("skip_prk_steps", False)
 
 
 def plms_timesteps(descending: np.ndarray) -> np.ndarray:

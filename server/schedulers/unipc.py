@@ -17,7 +17,6 @@ import numpy as np
 from .base import Array, Plan, State, check_step, frozen, no_noise
 from .config import SchedulerConfig, unsupported
 from .dpm import (
-    boolean_option,
     data_prediction,
     expm1_32,
     log_snr,
@@ -104,9 +103,9 @@ def check_unipc_options(config: SchedulerConfig) -> tuple[int, frozenset[int]]:
     solver_type = config.option("solver_type", "bh2")
     if solver_type not in SOLVER_TYPES:
         raise unsupported("solver_type", solver_type, ", ".join(SOLVER_TYPES) + " (bh1 gives NaN at noise level 0)")
-    if not boolean_option(config, "predict_x0", True):
+    if not config.flag("predict_x0", True):
         raise unsupported("predict_x0", False, "true or null (false gives NaN at noise level 0)")
-    lower_order_final = boolean_option(config, "lower_order_final", True)
+    lower_order_final = config.flag("lower_order_final", True)
     if order > 1 and not lower_order_final:
         raise unsupported("lower_order_final", False, "true or null with solver_order > 1 (false gives inf)")
     disabled = config.option("disable_corrector", [])
@@ -117,7 +116,7 @@ def check_unipc_options(config: SchedulerConfig) -> tuple[int, frozenset[int]]:
     refuse_flow_sigmas(config)
     # diffusers' set_timesteps requires a shift mu that Stable Diffusion pipelines never pass, and its constructor
     # refuses shift_terminal without flow sigmas.
-    if boolean_option(config, "use_dynamic_shifting", False):
+    if config.flag("use_dynamic_shifting", False):
         raise unsupported("use_dynamic_shifting", True, "false or null")
     if config.option("shift_terminal") is not None:
         raise unsupported("shift_terminal", config.option("shift_terminal"), "null")
