@@ -46,15 +46,14 @@ class ServedModel:
     tokenizer: ClipTokenizer
     scheduler_config: SchedulerConfig
     defaults: ModelDefaults
+    # The samplers that can run this model's scheduler config, found once at load.
+    schedulers: tuple[str, ...]
 
     @property
     def default_scheduler(self) -> str:
-        return default_sampler_name(self.scheduler_config)
-
-    @property
-    def schedulers(self) -> tuple[str, ...]:
-        """The samplers that can run this model's scheduler config."""
-        return tuple(name for name, reason in available_samplers(self.scheduler_config).items() if not reason)
+        """The sampler of the config's own class; the first offered one if that cannot run the config."""
+        name = default_sampler_name(self.scheduler_config)
+        return name if name in self.schedulers else self.schedulers[0]
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
@@ -82,9 +81,12 @@ def load_model(
     manifest, engines = load_engines(folder, TEXT_TO_IMAGE, backend, threads)
     defaults = replace(defaults or ModelDefaults(), **manifest.defaults, **(overrides or {}))
     scheduler_config = SchedulerConfig.from_file(folder / "scheduler" / "scheduler_config.json")
-    for sampler, reason in available_samplers(scheduler_config).items():
+    reasons = available_samplers(scheduler_config)
+    for sampler, reason in reasons.items():
         if reason:
             log.warning("model %s: sampler %s is not offered: %s", manifest.name, sampler, reason)
+    if all(reasons.values()):
+        raise ValueError(f"model {manifest.name}: no sampler can run its scheduler config; {reasons}")
     return ServedModel(
         name=manifest.name,
         folder=folder,
@@ -93,4 +95,5 @@ def load_model(
         tokenizer=ClipTokenizer.from_folder(folder / "tokenizer"),
         scheduler_config=scheduler_config,
         defaults=defaults,
+        schedulers=tuple(name for name, reason in reasons.items() if not reason),
     )

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import re
+import shutil
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -13,6 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
+from diffuserve.server.models import load_model
+from diffuserve.server.params import InvalidArgument, validate
 from diffuserve.v1 import diffusion_pb2 as pb
 
 FAST = {"prompt": "a green square", "steps": 2}
@@ -26,6 +31,27 @@ def test_list_models_describes_the_served_model(stub) -> None:
     assert set(model.schedulers) == set(pb.Scheduler.values()) - {pb.SCHEDULER_UNSPECIFIED}
     assert model.default_scheduler == pb.SCHEDULER_PNDM
     assert model.backend == "cpu" and model.prediction_type == "epsilon"
+
+
+def test_a_sampler_that_cannot_run_the_models_config_is_not_offered_and_is_refused(
+    tiny_export: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # diffusers' PNDM and Euler ancestral have no x0-predicting ("sample") form.
+    folder = tmp_path / "tiny-x0"
+    shutil.copytree(tiny_export, folder)
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "prediction_type": "sample"}))
+    with caplog.at_level(logging.WARNING):
+        model = load_model(folder, backend="cpu")
+    assert {"pndm", "euler_ancestral"}.isdisjoint(model.schedulers) and {"euler", "ddim"} <= set(model.schedulers)
+    assert "sampler euler_ancestral is not offered: scheduler config prediction_type='sample'" in caplog.text
+    # The config's class is PNDM's, which cannot run it: the default is the first sampler offered instead.
+    assert model.default_scheduler == model.schedulers[0] == "ddim"
+    request = pb.GenerateRequest(prompt="a red circle", scheduler=pb.SCHEDULER_EULER_ANCESTRAL)
+    with pytest.raises(
+        InvalidArgument, match="scheduler: 'euler_ancestral' is not one of SCHEDULER_DDIM, SCHEDULER_EULER"
+    ):
+        validate(request, {model.name: model}, model.name)
 
 
 def test_server_info_reports_the_backend_really_running(stub) -> None:

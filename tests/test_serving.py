@@ -136,10 +136,24 @@ def test_full_queue_refuses_at_once_and_loses_nothing_accepted(tiny_model: Serve
     assert all(len(r.images) == 1 for r in served)
 
 
-def test_batched_images_are_bit_identical_to_images_made_alone(tiny_model: ServedModel) -> None:
+# Euler, and two samplers that draw noise every step from each image's own generator, in both noise modes.
+@pytest.mark.parametrize(
+    ("scheduler", "noise_mode"),
+    [
+        (pb.SCHEDULER_EULER, pb.NOISE_MODE_TORCH_CPU),
+        (pb.SCHEDULER_EULER_ANCESTRAL, pb.NOISE_MODE_TORCH_CPU),
+        (pb.SCHEDULER_DPMPP_2M_SDE_KARRAS, pb.NOISE_MODE_NUMPY),
+    ],
+)
+def test_batched_images_are_bit_identical_to_images_made_alone(
+    tiny_model: ServedModel, scheduler: int, noise_mode: int
+) -> None:
+    common = {"steps": 8, "scheduler": scheduler, "noise_mode": noise_mode}
     requests = [
-        euler_request(prompt="a red circle", steps=8, seeds=[11], guidance_scale=7.5),
-        euler_request(prompt="a blue triangle", negative_prompt="green", steps=8, seeds=[12], guidance_scale=4.0),
+        pb.GenerateRequest(prompt="a red circle", seeds=[11], guidance_scale=7.5, **common),
+        pb.GenerateRequest(
+            prompt="a blue triangle", negative_prompt="green", seeds=[12], guidance_scale=4.0, **common
+        ),
     ]
     with serving(tiny_model, batching=False) as (_, stub, _):
         alone = [stub.Generate(r) for r in requests]
