@@ -95,7 +95,7 @@ def load_components(src: Path) -> tuple[nn.Module, nn.Module, nn.Module]:
 
     for part in EXPECTED_CLASSES:
         check_safetensors(src, part)
-    load = {"use_safetensors": True, "torch_dtype": torch.float32}
+    load = {"use_safetensors": True, "dtype": torch.float32}
     text_encoder = CLIPTextModel.from_pretrained(src / "text_encoder", **load)
     unet = UNet2DConditionModel.from_pretrained(src / "unet", **load)
     vae = AutoencoderKL.from_pretrained(src / "vae", **load)

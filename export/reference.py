@@ -49,7 +49,7 @@ def load_reference_pipeline(src: str | Path, scheduler: str):
     import diffusers
 
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-        src, use_safetensors=True, torch_dtype=torch.float32, safety_checker=None, requires_safety_checker=False
+        src, use_safetensors=True, dtype=torch.float32, safety_checker=None, requires_safety_checker=False
     )
     pipe.scheduler = diffusers_scheduler(scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
