@@ -7,6 +7,7 @@ Design Space of Diffusion-Based Generative Models"); its U-Net input is x / sqrt
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -75,6 +76,21 @@ def init_noise_sigma(sigmas: Array, spacing: str) -> float:
     return float(max_sigma if spacing in ("linspace", "trailing") else np.sqrt(max_sigma * max_sigma + 1))
 
 
+def sigma_plan_fields(
+    name: str, config: SchedulerConfig, steps: int, timesteps: Array, sigmas: Array
+) -> dict[str, Any]:
+    """The fields every one-call-per-step SigmaPlan fills the same way, from its timesteps and sigmas [steps + 1]."""
+    return {
+        "sampler": name,
+        "prediction_type": config.prediction_type,
+        "steps": steps,
+        "timesteps": frozen(timesteps),
+        "input_scales": frozen(vp_input_scales(sigmas[:-1])),
+        "init_noise_sigma": init_noise_sigma(sigmas, config.timestep_spacing or "linspace"),
+        "sigmas": frozen(sigmas),
+    }
+
+
 def sigma_noised(plan: SigmaPlan, index: int, original: Array, noise: Array) -> Array:
     """x0 + sigma * eps at the sigma entering call index: the VE forward process."""
     return axpy(original, plan.sigmas[index], noise)
@@ -89,16 +105,7 @@ class EulerSampler:
     def plan(self, config: SchedulerConfig, steps: int) -> SigmaPlan:
         check_steps(config, steps)
         timesteps, sigmas = discrete_sigmas(config, steps, "linspace")
-        return SigmaPlan(
-            sampler=self.name,
-            prediction_type=config.prediction_type,
-            steps=steps,
-            timesteps=frozen(timesteps),
-            input_scales=frozen(vp_input_scales(sigmas[:-1])),
-            init_noise_sigma=init_noise_sigma(sigmas, config.timestep_spacing or "linspace"),
-            noise_calls=no_noise(steps),
-            sigmas=frozen(sigmas),
-        )
+        return SigmaPlan(**sigma_plan_fields(self.name, config, steps, timesteps, sigmas), noise_calls=no_noise(steps))
 
     def step(
         self, plan: SigmaPlan, index: int, sample: Array, model_output: Array, state: State, noise: Array | None

@@ -13,7 +13,7 @@ import numpy as np
 
 from .base import Array, State, check_step, every_call_noise, frozen
 from .config import SchedulerConfig, unsupported
-from .euler import SigmaPlan, discrete_sigmas, init_noise_sigma, sigma_noised, vp_input_scales
+from .euler import SigmaPlan, discrete_sigmas, sigma_noised, sigma_plan_fields
 from .ops import denoised, euler_step, to_d
 from .schedule import check_steps
 
@@ -66,14 +66,8 @@ class EulerAncestralSampler:
         sigmas_down, sigmas_up = ancestral_split(sigmas[:-1], sigmas[1:])
         check_real(steps, sigmas, sigmas_down)
         return AncestralPlan(
-            sampler=self.name,
-            prediction_type=config.prediction_type,
-            steps=steps,
-            timesteps=frozen(timesteps),
-            input_scales=frozen(vp_input_scales(sigmas[:-1])),
-            init_noise_sigma=init_noise_sigma(sigmas, config.timestep_spacing or "linspace"),
+            **sigma_plan_fields(self.name, config, steps, timesteps, sigmas),
             noise_calls=every_call_noise(steps),
-            sigmas=frozen(sigmas),
             sigmas_down=frozen(sigmas_down),
             sigmas_up=frozen(sigmas_up),
         )

@@ -15,7 +15,7 @@ import numpy.typing as npt
 
 from .base import Array, State, check_step, frozen, no_noise
 from .config import SchedulerConfig
-from .euler import SigmaPlan, discrete_sigmas, init_noise_sigma, sigma_noised, vp_input_scales
+from .euler import SigmaPlan, discrete_sigmas, sigma_noised, sigma_plan_fields
 from .ops import denoised, to_d
 from .schedule import check_steps
 
@@ -133,14 +133,8 @@ class LMSSampler:
         timesteps, sigmas = discrete_sigmas(config, steps, "linspace")
         check_distinct(config, steps, timesteps, sigmas)
         return LMSPlan(
-            sampler=self.name,
-            prediction_type=config.prediction_type,
-            steps=steps,
-            timesteps=frozen(timesteps),
-            input_scales=frozen(vp_input_scales(sigmas[:-1])),
-            init_noise_sigma=init_noise_sigma(sigmas, config.timestep_spacing or "linspace"),
+            **sigma_plan_fields(self.name, config, steps, timesteps, sigmas),
             noise_calls=no_noise(steps),
-            sigmas=frozen(sigmas),
             # float32 as torch rounds a Python float scalar multiplying a float32 tensor.
             coefficients=frozen(lms_coefficients(sigmas)),
         )
