@@ -87,6 +87,20 @@ def frozen(array: npt.ArrayLike, dtype: npt.DTypeLike = np.float32) -> np.ndarra
     return out
 
 
+def vp_plan_fields(name: str, config: SchedulerConfig, steps: int, timesteps: npt.ArrayLike) -> dict[str, Any]:
+    """The fields every variance-preserving plan fills the same way: the U-Net takes the sample as it is, and the
+    initial latents are unit gaussian noise."""
+    calls = len(np.asarray(timesteps))
+    return {
+        "sampler": name,
+        "prediction_type": config.prediction_type,
+        "steps": steps,
+        "timesteps": frozen(timesteps),
+        "input_scales": frozen(np.ones(calls)),
+        "init_noise_sigma": 1.0,
+    }
+
+
 def no_noise(calls: int) -> npt.NDArray[np.bool_]:
     return frozen(np.zeros(calls, bool), bool)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import Array, Plan, State, check_step, frozen, no_noise
+from .base import Array, Plan, State, check_step, frozen, no_noise, vp_plan_fields
 from .config import SchedulerConfig
 from .ops import vp_noised, vp_predictions
 from .schedule import alphas_cumprod, check_steps, spaced_timesteps
@@ -65,12 +65,7 @@ class DDIMSampler:
         )
         clip_sample = True if config.clip_sample is None else config.clip_sample
         return DDIMPlan(
-            sampler=self.name,
-            prediction_type=config.prediction_type,
-            steps=steps,
-            timesteps=frozen(timesteps),
-            input_scales=frozen(np.ones(steps)),
-            init_noise_sigma=1.0,
+            **vp_plan_fields(self.name, config, steps, timesteps),
             noise_calls=no_noise(steps),
             alpha_prod=frozen(alpha_prod),
             alpha_prod_prev=frozen(alpha_prod_prev),

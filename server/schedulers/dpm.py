@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Array, Plan, State, check_step, every_call_noise, frozen, no_noise
+from .base import Array, Plan, State, check_step, every_call_noise, frozen, no_noise, vp_plan_fields
 from .config import SchedulerConfig, unsupported
 from .euler import use_karras_sigmas
 from .ops import ax_plus_by, axpy
@@ -304,12 +304,7 @@ class DPMSolverSampler:
         h = lambdas[1:] - lambdas[:-1]
         sample_coefs, denoised_coefs, noise_coefs = first_order_coefs(alphas, noise_scales, h, self.sde)
         return DPMSolverPlan(
-            sampler=self.name,
-            prediction_type=config.prediction_type,
-            steps=steps,
-            timesteps=frozen(timesteps),
-            input_scales=frozen(np.ones(steps)),
-            init_noise_sigma=1.0,
+            **vp_plan_fields(self.name, config, steps, timesteps),
             noise_calls=every_call_noise(steps) if self.sde else no_noise(steps),
             sigmas=frozen(sigmas),
             alphas=frozen(alphas),

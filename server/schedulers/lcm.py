@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import Array, Plan, State, check_step, frozen
+from .base import Array, Plan, State, check_step, frozen, vp_plan_fields
 from .config import SchedulerConfig, unsupported
 from .ops import axpy, vp_noised
 from .schedule import LCM_BETAS, alphas_cumprod, check_steps
@@ -120,12 +120,7 @@ class LCMSampler:
         noise_calls[-1] = False
         clip_sample = bool(config.clip_sample)  # diffusers' LCM default: no clipping
         return LCMPlan(
-            sampler=self.name,
-            prediction_type=config.prediction_type,
-            steps=steps,
-            timesteps=frozen(timesteps),
-            input_scales=frozen(np.ones(steps)),
-            init_noise_sigma=1.0,
+            **vp_plan_fields(self.name, config, steps, timesteps),
             noise_calls=frozen(noise_calls, bool),
             alpha_prod=frozen(alpha_prod),
             alpha_prod_next=frozen(alpha_prod_next),

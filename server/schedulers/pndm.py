@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import Array, Plan, State, check_step, frozen, no_noise
+from .base import Array, Plan, State, check_step, frozen, no_noise, vp_plan_fields
 from .config import SchedulerConfig, unsupported
 from .ddim import integer_timesteps
 from .ops import ax_plus_by, axpy, vp_noised
@@ -152,12 +152,7 @@ class PNDMSampler:
         # diffusers' PNDM defaults set_alpha_to_one to false where DDIM defaults it to true.
         alpha_to_one = bool(config.set_alpha_to_one)
         return PNDMPlan(
-            sampler=self.name,
-            prediction_type=config.prediction_type,
-            steps=steps,
-            timesteps=frozen(timesteps),
-            input_scales=frozen(np.ones(len(timesteps))),
-            init_noise_sigma=1.0,
+            **vp_plan_fields(self.name, config, steps, timesteps),
             noise_calls=no_noise(len(timesteps)),
             train_alpha_prod=frozen(train_alpha_prod),
             final_alpha_prod=1.0 if alpha_to_one else float(train_alpha_prod[0]),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import Array, Plan, State, check_step, frozen, no_noise
+from .base import Array, Plan, State, check_step, frozen, no_noise, vp_plan_fields
 from .config import SchedulerConfig, unsupported
 from .dpm import (
     data_prediction,
@@ -152,12 +152,7 @@ class UniPCSampler:
                 predictor_weights[i, order - 1, : order - 1] = predictor
                 corrector_weights[i, order - 1, :order] = corrector
         return UniPCPlan(
-            sampler=self.name,
-            prediction_type=config.prediction_type,
-            steps=steps,
-            timesteps=frozen(timesteps),
-            input_scales=frozen(np.ones(steps)),
-            init_noise_sigma=1.0,
+            **vp_plan_fields(self.name, config, steps, timesteps),
             noise_calls=no_noise(steps),
             sigmas=frozen(sigmas),
             alphas=frozen(alphas),
