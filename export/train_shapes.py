@@ -24,7 +24,8 @@ from diffuserve.server.shapes import Scene, describe, random_scene, render
 
 from .sd_folder import save_sd_folder
 
-CLIP_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "models" / "clip-tokenizer"
+# The CLIP BPE data (vocab.json, merges.txt, its licence), kept once, in the committed model's own tokenizer folder.
+CLIP_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "models" / "shapes-sd" / "tokenizer"
 # SD 1.x's noise schedule, so the model runs under the same samplers as real SD checkpoints.
 SD1_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
@@ -217,7 +218,9 @@ def train_denoiser(config, tokenizer, scenes, latents, rng: np.random.Generator)
     return text_encoder.eval(), unet.eval()
 
 
-def save_model(out: Path, vae, text_encoder, tokenizer, unet, config: TrainConfig, record: dict) -> None:
+def save_model(
+    out: Path, vae, text_encoder, tokenizer, unet, config: TrainConfig, record: dict, tokenizer_files: dict[str, bytes]
+) -> None:
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler(**SD1_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
@@ -227,6 +230,11 @@ def save_model(out: Path, vae, text_encoder, tokenizer, unet, config: TrainConfi
     # engines and every measurement are of these rounded weights.
     modules = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet, "scheduler": scheduler}
     save_sd_folder(out, **modules, dtype=torch.float16)
+    # transformers writes a 3.6 MB tokenizer.json; the BPE files it was read from say the same in 1.5 MB.
+    shutil.rmtree(out / "tokenizer")
+    (out / "tokenizer").mkdir()
+    for name, data in tokenizer_files.items():
+        (out / "tokenizer" / name).write_bytes(data)
     (out / "training.json").write_text(json.dumps({"config": asdict(config), **record}, indent=2) + "\n")
 
 
@@ -236,6 +244,8 @@ def train(config: TrainConfig, out: Path) -> dict:
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     tokenizer = CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_DIR)
+    # Read now: training into models/shapes-sd replaces the folder they live in.
+    tokenizer_files = {path.name: path.read_bytes() for path in CLIP_TOKENIZER_DIR.iterdir() if path.is_file()}
     timings = {}
     start = time.perf_counter()
     vae = train_vae(config, rng)
@@ -257,7 +267,7 @@ def train(config: TrainConfig, out: Path) -> dict:
         "torch": torch.__version__,
         "vae_scaling_factor": scaling_factor,
     }
-    save_model(out, vae, text_encoder, tokenizer, unet, config, record)
+    save_model(out, vae, text_encoder, tokenizer, unet, config, record, tokenizer_files)
     return record
 
 

@@ -18,22 +18,32 @@ from grpc_reflection.v1alpha import reflection
 from diffuserve.v1 import diffusion_pb2 as pb
 from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
+from .interceptors import RequestGuard
 from .models import ModelDefaults, ServedModel, load_model
+from .params import MAX_MODEL_NAME_CHARS, max_request_bytes
 from .service import DiffusionService
 from .worker import InferenceWorker, WorkerConfig
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DiffusionService"].full_name
-# Images are a few MB at most; 64 MiB leaves room for several large images per response without allowing abuse.
+# Responses: images are a few MB at most; 64 MiB leaves room for several large images in one response.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DRAIN_POLL_S = 0.05
 # Time for responses of calls that finished at the end of the grace period to reach their clients.
 RESPONSE_FLUSH_S = 1.0
+# Clients' channels: a response may be that large.
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+
+
+def server_options(models: Mapping[str, ServedModel]) -> list[tuple[str, int]]:
+    """Requests are received up to the largest one validation can accept: a larger one is refused by gRPC before
+    it is read into memory (RESOURCE_EXHAUSTED, as gRPC answers any message over the limit)."""
+    largest = max(max_request_bytes(model.defaults.max_images) for model in models.values())
+    return [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", largest)]
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,8 @@ def load_models(config: ServerConfig) -> dict[str, ServedModel]:
     models: dict[str, ServedModel] = {}
     for folder in config.model_dirs:
         model = load_model(folder, config.backend, config.threads, config.defaults, config.overrides)
+        if len(model.name) > MAX_MODEL_NAME_CHARS:
+            raise ValueError(f"{folder}: model names have at most {MAX_MODEL_NAME_CHARS} characters")
         if model.name in models:
             raise ValueError(f"two model folders are both named {model.name!r}: {models[model.name].folder}, {folder}")
         models[model.name] = model
@@ -76,7 +88,7 @@ class Running:
 async def start_server(config: ServerConfig, models: Mapping[str, ServedModel]) -> Running:
     """Starts the worker and the server; config.port 0 binds a free port, reported in Running.port."""
     worker = InferenceWorker(config.worker).start()
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(interceptors=[RequestGuard()], options=server_options(models))
     service = DiffusionService(models, next(iter(models)), worker)
     pb_grpc.add_DiffusionServiceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()

@@ -11,7 +11,7 @@ from typing import Any
 
 from diffuserve.engine.base import Engine
 from diffuserve.engine.loader import load_engines
-from diffuserve.engine.manifest import TEXT_ENCODER, UNET, VAE_DECODER, Manifest
+from diffuserve.engine.manifest import MANIFEST_NAME, TEXT_ENCODER, UNET, VAE_DECODER, Manifest
 
 from .schedulers import SchedulerConfig, available_samplers, default_sampler_name
 from .tokenizer import ClipTokenizer
@@ -19,6 +19,7 @@ from .tokenizer import ClipTokenizer
 log = logging.getLogger(__name__)
 
 # The model that ships inside the package: what `diffuserve serve` and the demo run when given no model folder.
+# A build output (`make bundle` exports the committed weights into it), so a source checkout has it once built.
 BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "shapes"
 
 # Components text-to-image needs (the VAE encoder serves img2img, loaded when that arrives).
@@ -78,6 +79,11 @@ def load_model(
 ) -> ServedModel:
     """Request defaults: the server's, then the model's own from its manifest, then the operator's overrides."""
     folder = Path(folder)
+    if folder.resolve() == BUNDLED_MODEL and not (folder / MANIFEST_NAME).is_file():
+        raise FileNotFoundError(
+            f"the bundled model is not built at {BUNDLED_MODEL}: in a source checkout, run `make bundle` "
+            "(it exports models/shapes-sd, which needs diffuserve[export]); installed wheels carry it built"
+        )
     manifest, engines = load_engines(folder, TEXT_TO_IMAGE, backend, threads)
     defaults = replace(defaults or ModelDefaults(), **manifest.defaults, **(overrides or {}))
     scheduler_config = SchedulerConfig.from_file(folder / "scheduler" / "scheduler_config.json")

@@ -17,6 +17,9 @@ from .schedulers import make_plan
 # A prompt is cut to the text encoder's 77 tokens anyway; this only keeps a caller from sending megabytes.
 MAX_PROMPT_CHARS = 10_000
 MAX_REQUEST_ID_CHARS = 128
+# Longer than any model name a server is given; an unknown name is quoted in errors only up to QUOTE_CHARS.
+MAX_MODEL_NAME_CHARS = 256
+QUOTE_CHARS = 64
 DEFAULT_QUALITY = 90
 # 0 <= guidance; above this images saturate into noise, so a larger value is almost surely a mistake.
 MAX_GUIDANCE_SCALE = 50.0
@@ -89,11 +92,33 @@ def format_name(value: int) -> str:
     return pb.ImageFormat.Name(value).removeprefix(FORMAT_PREFIX).lower()
 
 
+def quote(text: str, limit: int = QUOTE_CHARS) -> str:
+    """A client's string as an error may show it: repr'd, cut to limit characters, its full length said."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def resolve_model(name: str, models: Mapping[str, ServedModel], default_model: str) -> ServedModel:
     model = models.get(name or default_model)
     if model is None:
-        raise ModelNotFound(f"model: no model named {name!r}; this server has {sorted(models)}")
+        raise ModelNotFound(f"model: no model named {quote(name)}; this server has {sorted(models)}")
     return model
+
+
+# Bytes a string field can take on the wire: UTF-8 needs at most 4 per character, plus its tag and length prefix.
+UTF8_MAX_BYTES = 4
+FIELD_OVERHEAD_BYTES = 6
+# Tags and values of every scalar field of GenerateRequest together, with room for fields added later.
+SCALAR_FIELDS_BYTES = 1024
+# A uint64 seed as a packed varint takes at most 10 bytes.
+SEED_BYTES = 10
+
+
+def max_request_bytes(max_images: int) -> int:
+    """The largest GenerateRequest validate() can accept: what the server's receive limit is sized to."""
+    strings = (2 * MAX_PROMPT_CHARS + MAX_REQUEST_ID_CHARS + MAX_MODEL_NAME_CHARS) * UTF8_MAX_BYTES
+    return strings + 4 * FIELD_OVERHEAD_BYTES + max_images * SEED_BYTES + FIELD_OVERHEAD_BYTES + SCALAR_FIELDS_BYTES
 
 
 def validate(request: pb.GenerateRequest, models: Mapping[str, ServedModel], default_model: str) -> GenerateParams:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from concurrent.futures import Future
 from contextlib import contextmanager
 from importlib import metadata
 
@@ -19,6 +20,7 @@ from .noise import DEFAULT_NOISE_MODE
 from .params import GenerateParams, InvalidArgument, ModelNotFound, noise_mode_enum, scheduler_enum, validate
 from .pipeline import GenerateResult
 from .worker import (
+    SHUTTING_DOWN,
     DeadlineExceeded,
     Event,
     ImageReady,
@@ -28,6 +30,8 @@ from .worker import (
     Progress,
     Queued,
     QueueFull,
+    RequestFailed,
+    WorkerStopping,
 )
 
 log = logging.getLogger(__name__)
@@ -56,7 +60,7 @@ class DiffusionService(pb_grpc.DiffusionServiceServicer):
     ) -> Job:
         """Validates and queues a request, or ends the call with the status that says why not."""
         if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; send to another replica")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         try:
             params = validate(request, self.models, self.default_model)
         except ModelNotFound as e:
@@ -71,21 +75,20 @@ class DiffusionService(pb_grpc.DiffusionServiceServicer):
         except QueueFull as e:
             context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(e.retry_after_ms)),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except WorkerStopping:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         return job
 
     async def _finish(self, job: Job, context: grpc.aio.ServicerContext) -> GenerateResult:
         """Waits for the job's result, ending the call with the status that says why there is none."""
         try:
-            return await asyncio.wrap_future(job.future)
+            return await outcome(job)
         except DeadlineExceeded as e:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
         except JobCancelled as e:
             await context.abort(grpc.StatusCode.CANCELLED, str(e))
-        except Exception as e:  # an engine failed: this request fails, the server lives on
-            log.exception("request %s failed", job.params.request_id)
-            await context.abort(
-                grpc.StatusCode.INTERNAL, f"request {job.params.request_id} failed: {type(e).__name__}: {e}"
-            )
+        except RequestFailed as e:  # this request failed (logged with its cause); the server lives on
+            await context.abort(grpc.StatusCode.INTERNAL, str(e))
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         job = await self._accept(request, context, listener=None)
@@ -140,15 +143,33 @@ class DiffusionService(pb_grpc.DiffusionServiceServicer):
         )
 
 
+def outcome(job: Job) -> asyncio.Future:
+    """The job's result on this event loop. Not asyncio.wrap_future: cancelling the waiting handler would cancel
+    the job's own future too, and the worker would never learn that nobody wants the job any more."""
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+
+    def copy(done: Future) -> None:
+        if not waiter.done():
+            error = done.exception()
+            waiter.set_exception(error) if error is not None else waiter.set_result(done.result())
+
+    def settled(done: Future) -> None:  # on the worker thread
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(copy, done)
+
+    job.future.add_done_callback(settled)
+    return waiter
+
+
 @contextmanager
 def cancel_if_abandoned(job: Job) -> Iterator[None]:
-    """However the handler leaves before its job is done (the caller cancelled, disconnected, or the stream was
-    closed while paused at a yield), the job is cancelled, so its rows leave the batch at the next step."""
+    """However the handler leaves (the caller cancelled, disconnected, or the stream was closed while paused at a
+    yield), the job is told to stop, so its rows leave the batch at the next step; a finished job ignores it."""
     try:
         yield
     finally:
-        if not job.future.done():
-            job.cancel()
+        job.cancel()
 
 
 def log_done(job: Job) -> None:

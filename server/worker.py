@@ -12,7 +12,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,11 +23,17 @@ from .pipeline import GenerateResult, StageTimes, encode_images, preview_images,
 
 log = logging.getLogger(__name__)
 
+SHUTTING_DOWN = "the server is shutting down; send to another replica"
+
 
 class QueueFull(RuntimeError):
     def __init__(self, capacity: int, retry_after_ms: int):
         super().__init__(f"the queue is full ({capacity} requests waiting); retry in about {retry_after_ms} ms")
         self.retry_after_ms = retry_after_ms
+
+
+class WorkerStopping(RuntimeError):
+    pass
 
 
 class JobCancelled(RuntimeError):
@@ -36,6 +42,11 @@ class JobCancelled(RuntimeError):
 
 class DeadlineExceeded(RuntimeError):
     pass
+
+
+class RequestFailed(RuntimeError):
+    """This request failed on its own (an engine, its encoding, its listener); the message is safe to show a client.
+    The cause, with its traceback, goes to the server log."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,8 @@ class Job:
     times: StageTimes = field(default_factory=StageTimes)
     steps_done: int = 0
     batch_size: int = 0
+    # Set when something that concerns this request alone failed; the job then stops at the next step.
+    failure: RequestFailed | None = None
 
     @property
     def batch_key(self) -> tuple:
@@ -100,24 +113,56 @@ class Job:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
     def proceed(self) -> bool:
-        return not self.cancelled.is_set() and not self.expired()
+        return self.failure is None and not self.cancelled.is_set() and not self.expired()
 
     def stop_reason(self) -> Exception:
+        if self.failure is not None:
+            return self.failure
         if self.cancelled.is_set():
             return JobCancelled(f"request {self.params.request_id} was cancelled")
         return DeadlineExceeded(f"request {self.params.request_id} passed its deadline")
 
+    def fail(self, stage: str, error: Exception) -> None:
+        """Records a failure of this request alone; its batch-mates carry on."""
+        log.error("request %s: %s failed", self.params.request_id, stage, exc_info=error)
+        if self.failure is None:
+            self.failure = RequestFailed(
+                f"request {self.params.request_id}: {stage} failed on the server; its log has the details"
+            )
+
     def emit(self, event: Event) -> None:
-        if self.listener is not None:
+        if self.listener is None:
+            return
+        try:
             self.listener(event)
+        except Exception as e:  # e.g. the caller's event loop is gone: only this request is affected
+            self.fail("delivering an event", e)
 
     def on_step(self, step: int, total: int, latents: np.ndarray, step_ms: float) -> None:
         self.steps_done = step
+        if self.listener is None:  # a unary call: nobody receives progress or previews
+            return
         previews: Sequence[bytes] = ()
         if self.preview_interval and (step % self.preview_interval == 0 or step == total):
-            previews = preview_images(self.model, latents)
+            try:
+                previews = preview_images(self.model, latents)
+            except Exception as e:
+                self.fail("rendering a preview", e)
+                return
         # The decode and encode that follow cost about two steps on the models measured here.
         self.emit(Progress(step, total, step_ms * (total - step + 2), previews))
+
+    def settle(self, result: GenerateResult | None = None, error: Exception | None = None) -> None:
+        """Delivers the outcome once; a future already settled (or cancelled by its caller) is left as it is."""
+        if self.future.done():
+            return
+        try:
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+        except InvalidStateError:  # settled by another thread in between
+            pass
 
 
 class InferenceWorker:
@@ -155,7 +200,7 @@ class InferenceWorker:
     def submit(self, job: Job) -> Queued:
         with self._lock:
             if self._stopping:
-                raise RuntimeError("the worker is stopping")
+                raise WorkerStopping(SHUTTING_DOWN)
             if len(self._queue) >= self.config.queue_capacity:
                 raise QueueFull(self.config.queue_capacity, round(self._job_ms))
             self._queue.append(job)
@@ -179,26 +224,24 @@ class InferenceWorker:
                     self._lock.wait()
                 if not self._queue:
                     return
-                first = self._queue.popleft()
-            batch = self._gather(first)
+                # Running from the moment it leaves the queue, so idle() never sees it in neither place.
+                batch = self._running = [self._queue.popleft()]
+            self._gather(batch)
             try:
                 self._run(batch)
-            except Exception as e:  # a bug here must fail these requests, not kill the worker
-                log.exception("batch of %d failed", len(batch))
+            except Exception as e:  # a shared engine call failed: these requests fail, the worker lives on
                 for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(e)
+                    job.fail("running the engines", e)
+                    job.settle(error=job.failure)
             finally:
                 with self._lock:
                     self._running = []
 
-    def _gather(self, first: Job) -> list[Job]:
-        """The first job plus compatible ones that arrive within the wait, up to the model's largest batch."""
-        batch = [first]
-        with self._lock:
-            self._running = batch
+    def _gather(self, batch: list[Job]) -> None:
+        """Adds compatible jobs that arrive within the wait to the batch, up to the model's largest batch."""
+        first = batch[0]
         if not self.config.batching:
-            return batch
+            return
         capacity = max(first.model.batch_sizes)
         images = first.params.num_images
         until = time.monotonic() + self.config.max_batch_wait_ms / 1e3
@@ -214,16 +257,33 @@ class InferenceWorker:
                 if images >= capacity or remaining <= 0 or not wait_for_company:
                     break
                 self._lock.wait(remaining)
-        return batch
+
+    @staticmethod
+    def _deliver(job: Job, pixels: np.ndarray | None) -> None:
+        """The per-request steps after the shared engine calls: whatever fails here fails this request alone."""
+        if pixels is not None and job.proceed():
+            try:
+                encoded = encode_images(job.params, pixels, job.times)
+            except Exception as e:
+                job.fail("encoding its images", e)
+            else:
+                for index, (data, mime) in enumerate(encoded):
+                    job.emit(ImageReady(index, data, mime))
+                job.times.total_ms = (time.perf_counter() - job.accepted) * 1e3
+                if job.failure is None:
+                    job.settle(GenerateResult(encoded, pixels, job.times))
+                    return
+        job.settle(error=job.stop_reason())
 
     def _run(self, batch: list[Job]) -> None:
         start = time.perf_counter()
         ready = []
         for job in batch:
-            if job.proceed():
+            # A future its caller already cancelled refuses to run; one that may not proceed never starts.
+            if job.future.set_running_or_notify_cancel() and job.proceed():
                 ready.append(job)
-            else:  # never started: no engine time spent on it
-                job.future.set_exception(job.stop_reason())
+            else:  # no engine time spent on it
+                job.settle(error=job.stop_reason())
         if not ready:
             return
         images = sum(job.params.num_images for job in ready)
@@ -234,12 +294,5 @@ class InferenceWorker:
         pixels = render_members(model, ready)
         self.steps_run += sum(job.steps_done for job in ready)
         for job, job_pixels in zip(ready, pixels, strict=True):
-            if job_pixels is None:
-                job.future.set_exception(job.stop_reason())
-                continue
-            encoded = encode_images(job.params, job_pixels, job.times)
-            for index, (data, mime) in enumerate(encoded):
-                job.emit(ImageReady(index, data, mime))
-            job.times.total_ms = (time.perf_counter() - job.accepted) * 1e3
-            job.future.set_result(GenerateResult(encoded, job_pixels, job.times))
+            self._deliver(job, job_pixels)
         self._job_ms = 0.8 * self._job_ms + 0.2 * (time.perf_counter() - start) * 1e3 / len(ready)
