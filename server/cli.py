@@ -105,6 +105,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchOptions, LoadOptions, run_bench, run_load
 
+    if args.faults:
+        from .robustness import FaultOptions, run_faults
+
+        run_faults(FaultOptions(args.model), json_path=args.json)
+        return 0
     if args.load:
         load = LoadOptions(args.model, tuple(args.concurrency), args.requests, args.steps, args.max_batch_wait_ms)
         run_load(load, json_path=args.json)
@@ -227,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8], help="with --load: clients per row")
     p.add_argument("--requests", type=int, default=32, help="with --load: requests per row")
     p.add_argument("--max-batch-wait-ms", type=float, help="with --load: the server's wait for batch company")
+    p.add_argument(
+        "--faults",
+        action="store_true",
+        help="instead: the next request's wait after a cancelled one, and an overload burst with mixed deadlines",
+    )
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="serve the bundled model on a loopback port and draw one prompt over gRPC")
