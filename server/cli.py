@@ -110,6 +110,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         run_faults(FaultOptions(args.model), json_path=args.json)
         return 0
+    if args.fuzz:
+        from .robustness import run_fuzz_on_model
+
+        return 0 if run_fuzz_on_model(args.model, args.fuzz, args.seed, json_path=args.json) else 1
     if args.load:
         load = LoadOptions(args.model, tuple(args.concurrency), args.requests, args.steps, args.max_batch_wait_ms)
         run_load(load, json_path=args.json)
@@ -237,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="instead: the next request's wait after a cancelled one, and an overload burst with mixed deadlines",
     )
+    p.add_argument(
+        "--fuzz",
+        type=int,
+        metavar="N",
+        help="instead: N hostile and malformed requests, each answer checked against the API's contract",
+    )
+    p.add_argument("--seed", type=int, default=0, help="with --fuzz: the seed of the cases")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="serve the bundled model on a loopback port and draw one prompt over gRPC")

@@ -1,4 +1,5 @@
-"""`diffuserve bench --faults`: what a caller gone or a burst of callers costs everyone else, on a real server.
+"""`diffuserve bench --faults` and `--fuzz`: what a caller gone or a burst of callers costs everyone else, and
+whether hostile and malformed requests all get the answers the API documents, on a real server.
 
 Two measurements over loopback gRPC: how long the next request waits after a long unary request is cancelled
 (against the same request on an idle server), and how a burst of ten times the queue's capacity with mixed deadlines
@@ -13,7 +14,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -166,3 +167,26 @@ def format_report(model: str, options: FaultOptions, cancel: dict, overload: dic
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f} ms"
+
+
+# Limits of the server the fuzzer meets: valid requests stay cheap, and every limit is still there to be crossed.
+FUZZ_MAX_STEPS = 2
+FUZZ_MAX_IMAGES = 2
+
+
+def run_fuzz_on_model(model_dir: str, count: int, seed: int = 0, json_path: str | None = None) -> bool:
+    """`diffuserve bench MODEL --fuzz N`: the model served on loopback with small limits, fuzzed; True if the
+    contract held for every case."""
+    from .fuzz import format_report as format_fuzz_report
+    from .fuzz import run_fuzz
+
+    model = load_model(model_dir, backend="cpu")
+    limits = replace(model.defaults, max_steps=FUZZ_MAX_STEPS, max_images=FUZZ_MAX_IMAGES)
+    config = ServerConfig(model_dirs=(), host="127.0.0.1", port=0)
+    with BackgroundServer(config, {model.name: replace(model, defaults=limits)}) as server:
+        report = run_fuzz(server.address, count, seed)
+    print(f"model {model.name}, max_steps {FUZZ_MAX_STEPS}, max_images {FUZZ_MAX_IMAGES}, seed {seed}:")
+    print(format_fuzz_report(report))
+    if json_path:
+        Path(json_path).write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
+    return report.ok
