@@ -121,6 +121,9 @@ def test_answers_to_valid_requests_are_checked() -> None:
     good = Outcome("OK", request_ids=("r",) * 4, images=(image, (6, *image[1:])), events=EVENTS)
     assert rules(valid, good) == []
     assert rules(valid, Outcome("INVALID_ARGUMENT", "steps: no")) == ["valid request refused with INVALID_ARGUMENT"]
+    # A sampler's own step limit is not in ListModels: a case within the model's limits may meet it.
+    warm_up = "steps: steps=2 is too few for the Runge-Kutta warm-up; allowed: steps >= 4 (scheduler 'pndm')"
+    assert rules(valid, Outcome("INVALID_ARGUMENT", warm_up)) == []
     wrong = replace(good, images=((7, "image/jpeg", 128, 64),), request_ids=("r", "s"), events=("completed",))
     assert rules(valid, wrong) == [
         "wrong number of images",
