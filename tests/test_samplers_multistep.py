@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from decimal import Decimal, localcontext
 from typing import Any
 
 import numpy as np
@@ -12,12 +13,14 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from diffuserve.server.schedulers import INITIAL_STATE, SchedulerConfig, get_sampler, make_plan
+from diffuserve.server.schedulers.schedule import alphas_cumprod
 
 from .sampler_reference import (
     PREDICTION_TYPES,
     SD15_CONFIG,
     SPACINGS,
     config_dict,
+    correctly_rounded_torch,  # noqa: F401  (autouse: correctly rounded exp, log, sqrt)
     reference_scheduler,
     step_both,
 )
@@ -150,16 +153,38 @@ def test_lambda_min_clipped_changes_the_timesteps_and_is_ignored_by_karras_sigma
     )
 
 
-@pytest.mark.parametrize("offset", [-1e-12, 0.0, 1e-12])
-def test_lambda_min_clipped_is_compared_in_float32_like_torch_searchsorted(offset: float) -> None:
-    # A threshold within float32 rounding of a training lambda: numpy's float64 comparison would clip one more.
-    lambdas = reference_scheduler("dpmpp_2m", sd_config()).lambda_t.numpy()
-    d = sd_config(lambda_min_clipped=float(lambdas[600]) + offset)
-    reference = reference_scheduler("dpmpp_2m", d)
-    reference.set_timesteps(5)
-    np.testing.assert_array_equal(
-        make_plan("dpmpp_2m", SchedulerConfig.from_dict(d), 5).timesteps, reference.timesteps
-    )
+def exact_lambda(alpha_prod: np.float32) -> Decimal:
+    """log(sqrt(a) / sqrt(1 - a)) of a float32 a, to 40 digits (decimal logarithms: no CPU's kernel involved)."""
+    with localcontext() as context:
+        context.prec = 40
+        a = Decimal(float(alpha_prod))
+        return (a.ln() - (1 - a).ln()) / 2
+
+
+def test_lambda_min_clipped_keeps_a_timestep_exactly_when_its_exact_lambda_reaches_it() -> None:
+    # The boundary case: a threshold within float32 rounding of training timestep 600's lambda. diffusers rounds the
+    # threshold to float32 and compares it with its float32 lambda table, whose last bit is however torch's log and
+    # sqrt rounded on that CPU, so whether it keeps timestep 600 differs between CPUs (600 on some, 599 on others
+    # for the same config). Ours keeps a timestep exactly when the exact lambda of its float32 a reaches the
+    # threshold, on every CPU: the two float64 thresholds either side of that lambda give a first timestep of 600
+    # and 599.
+    exact = exact_lambda(alphas_cumprod(SchedulerConfig.from_dict(sd_config()))[600])
+    below = float(exact)
+    if Decimal(below) > exact:
+        below = float(np.nextafter(below, -np.inf))
+    above = float(np.nextafter(below, np.inf))
+    assert Decimal(below) <= exact < Decimal(above)
+    for threshold, first in ((below, 600), (above, 599)):
+        plan = make_plan("dpmpp_2m", SchedulerConfig.from_dict(sd_config(lambda_min_clipped=threshold)), 5)
+        assert plan.timesteps[0] == first, threshold
+    # Away from float32 rounding of a training lambda (neighbours are ~5e-3 apart here) diffusers agrees on any CPU.
+    for threshold, first in ((below - 1e-4, 600), (below + 1e-4, 599)):
+        d = sd_config(lambda_min_clipped=threshold)
+        reference = reference_scheduler("dpmpp_2m", d)
+        reference.set_timesteps(5)
+        plan = make_plan("dpmpp_2m", SchedulerConfig.from_dict(d), 5)
+        assert plan.timesteps[0] == first
+        np.testing.assert_array_equal(plan.timesteps, reference.timesteps)
 
 
 @pytest.mark.parametrize("name", ["dpmpp_2m_karras", "dpmpp_2m_sde_karras", "unipc"])
@@ -391,4 +416,8 @@ def test_matches_diffusers_for_random_configs_with_the_extra_keys(
         make_plan(name, SchedulerConfig.from_dict(d), steps)
     except ValueError:
         assume(False)  # refusals are pinned by the tests above
+    reference = reference_scheduler(name, d)
+    reference.set_timesteps(steps)
+    # Trailing spacing's extra call at timestep -1 in diffusers: solver_timesteps keeps the intended `steps`.
+    assume(reference.timesteps.min() >= 0)
     step_both(name, d, steps, shape, seed, strength)

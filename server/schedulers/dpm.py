@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal, localcontext
 from types import MappingProxyType
 from typing import Any
 
@@ -52,8 +53,10 @@ class DPMSolverPlan(Plan):
 
 def exp32(x: np.ndarray) -> Array:
     """e^x of float32 x, rounded to float32 from float64."""
-    # diffusers steps with 0-dim torch tensors, whose exp, expm1 and log are (nearly always) correctly rounded;
-    # numpy's vectorised float32 ones are not, and UniPC's weights amplify a last-bit difference in them.
+    # diffusers steps with 0-dim torch tensors, whose exp and log are within a last bit of the correctly rounded
+    # result, which bit depending on the CPU (MKL picks a code path per instruction set and vendor). Correct rounding
+    # is the one result that is the same everywhere and closest to all of them; numpy's vectorised float32 functions
+    # are further off, and UniPC's weights amplify a last-bit difference in them.
     return np.exp(np.asarray(x, np.float64)).astype(np.float32)
 
 
@@ -201,17 +204,32 @@ def noise_levels(
 
 
 def clipped_last_timestep(config: SchedulerConfig) -> int:
-    """One past the last training timestep whose lambda is at least lambda_min_clipped (all of them by default)."""
+    """One past the last training timestep whose lambda is at least lambda_min_clipped (all of them by default).
+
+    The lambda of timestep t is the exact log(sqrt(a_t) / sqrt(1 - a_t)) of our float32 a_t (diffusers' too, bit for
+    bit, with torch's AVX2 and AVX-512 kernels), and the threshold is the config's number as written. diffusers
+    compares a float32 lambda table with the threshold rounded to float32, and the last bit of that table is however
+    torch's log and sqrt rounded on the CPU at hand: a threshold within float32 rounding of a training lambda keeps
+    that timestep on some CPUs and clips it on others. Exact lambdas make the choice the same on every CPU, and the
+    one the threshold means.
+    """
     value = config.option("lambda_min_clipped", -math.inf)
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         raise unsupported("lambda_min_clipped", value, "a number or null")
-    alpha_prod = alphas_cumprod(config)
-    # diffusers' whole-table float32 log is vectorised, like numpy's.
-    lambdas = np.log(np.sqrt(alpha_prod)) - np.log(np.sqrt(np.float32(1) - alpha_prod))
-    # Compared in float32, as diffusers' torch.searchsorted compares; lambda falls with t, so search it reversed.
-    with np.errstate(over="ignore"):
-        clipped = np.searchsorted(lambdas[::-1], np.float32(value))
-    return config.num_train_timesteps - int(clipped)
+    n = config.num_train_timesteps
+    if value == -math.inf:
+        return n
+    # lambda rises with a, and lambda >= L exactly where a >= 1 / (1 + e^(-2 L)): one exponential, in decimal
+    # arithmetic (software, the same everywhere) to far more digits than float32 a has, which Decimal holds exactly.
+    # Every finite float32 lambda lies in (-52, 9), so clamping L to +-64 changes no comparison and keeps e^(-2 L) in
+    # range.
+    threshold = Decimal(min(max(value, -64.0), 64.0))
+    with localcontext() as context:
+        context.prec = 40
+        bound = 1 / (1 + (-2 * threshold).exp())
+        kept = sum(1 for a in alphas_cumprod(config).tolist() if Decimal(a) >= bound)
+    # a falls with t, so the kept timesteps are the first `kept`.
+    return kept
 
 
 def solver_type(config: SchedulerConfig) -> str:

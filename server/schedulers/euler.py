@@ -14,7 +14,16 @@ import numpy as np
 from .base import Array, Plan, State, check_step, frozen, no_noise
 from .config import SchedulerConfig
 from .ops import axpy, denoised, euler_step, to_d
-from .schedule import DDPM_BETAS, BetaDefaults, check_steps, karras_sigmas, sigma_to_t, spaced_timesteps, train_sigmas
+from .schedule import (
+    DDPM_BETAS,
+    BetaDefaults,
+    check_steps,
+    karras_sigmas,
+    sigma_to_t,
+    spaced_timesteps,
+    trailing_grid,
+    train_sigmas,
+)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -60,6 +69,10 @@ def discrete_sigmas(
     if karras is None:
         karras = use_karras_sigmas(config)
     if karras:
+        if spacing == "trailing" and len(trailing_grid(n, steps)) > steps:
+            # diffusers reads sigma_min off all its spaced sigmas, the extra one at timestep -1 too, which np.interp
+            # clamps to the first training sigma.
+            sigmas = np.append(sigmas, train[0])
         sigmas = karras_sigmas(*karras_bounds(config, sigmas), steps)
         timesteps = sigma_to_t(sigmas, np.log(train)).astype(np.float32)
     return timesteps, np.append(sigmas, 0.0).astype(np.float32)

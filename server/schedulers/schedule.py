@@ -71,8 +71,9 @@ def linspace_float32(start: float, end: float, n: int) -> Array:
     # A correctly rounded linspace differs from torch's in the last bit of about a third of the betas, and where the
     # cumulative product a is near 1, one bit of a is a large part of the 1 - a that sigma and the noise prediction
     # divide by. torch steps from each end by a float32 step: start + step * i for the first half, end - step *
-    # (n - 1 - i) for the rest, each a fused multiply-add (one rounding); in float64 the product of a float32 step and
-    # an integer below 2**29 is exact, so only the final cast rounds.
+    # (n - 1 - i) for the rest, each a fused multiply-add (one rounding) in its AVX2 and AVX-512 kernels, which every
+    # x86-64 CPU with AVX2 runs (its ATEN_CPU_CAPABILITY=default kernel rounds twice, and differs); in float64 the
+    # product of a float32 step and an integer below 2**29 is exact, so only the final cast rounds.
     if n == 1:
         return np.array([start], dtype=np.float32)
     start32, end32 = np.float32(start), np.float32(end)
@@ -114,9 +115,17 @@ def spaced_timesteps(spacing: str, num_train_timesteps: int, steps: int, steps_o
         return np.linspace(0, n - 1, steps)[::-1].copy()
     if spacing == "leading":
         return (np.arange(steps) * (n // steps))[::-1] + float(steps_offset)
-    # Trailing. np.arange with a float step yields one element too many for some step counts (1000 / 61 ...), which
-    # diffusers keeps as an extra step at timestep -1; the first `steps` are the intended ones.
-    return np.round(np.arange(n, 0, -n / steps))[:steps] - 1.0
+    # Trailing: the first `steps` of the grid are the intended ones.
+    return trailing_grid(n, steps)[:steps] - 1.0
+
+
+def trailing_grid(num_train_timesteps: int, steps: int) -> npt.NDArray[np.float64]:
+    """diffusers' trailing timesteps plus one, with the element too many it has at some step counts.
+
+    np.arange with a float step yields one element too many for some step counts (1000 / 61 ...), which diffusers
+    keeps as an extra step at timestep -1.
+    """
+    return np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / steps))
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, steps: int) -> npt.NDArray[np.float64]:
