@@ -44,7 +44,8 @@ lint: install
 # The serving runtime alone, as an edge box installs it: the wheel with only its cpu extra under the oldest Python
 # supported, no torch, serving the engines the wheel carries for one request.
 wheel: bundle
-	rm -rf dist
+	# setuptools packs whatever an earlier build left in build/lib, moved or deleted modules included.
+	rm -rf dist build/lib build/bdist.*
 	$(BIN)/pip wheel --quiet --disable-pip-version-check --no-deps -w dist .
 
 runtime-check: wheel

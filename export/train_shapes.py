@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffuserve.server.shapes import Scene, describe, random_scene, render
+from diffuserve.server.tools.shapes import Scene, describe, random_scene, render
 
 from .sd_folder import save_sd_folder
 

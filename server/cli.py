@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 from .app import ServerConfig
-from .demo import DEMO_PROMPT
 from .models import BUNDLED_MODEL, ModelDefaults
 from .noise import NOISE_MODES
 from .params import IMAGE_FORMATS
 from .schedulers import SAMPLERS
+from .tools.demo import DEMO_PROMPT
 from .worker import WorkerConfig
 
 log = logging.getLogger("diffuserve")
@@ -103,15 +103,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchOptions, LoadOptions, run_bench, run_load
+    from .tools.bench import BenchOptions, LoadOptions, run_bench, run_load
 
     if args.faults:
-        from .robustness import FaultOptions, run_faults
+        from .tools.robustness import FaultOptions, run_faults
 
         run_faults(FaultOptions(args.model), json_path=args.json)
         return 0
     if args.fuzz:
-        from .robustness import run_fuzz_on_model
+        from .tools.robustness import run_fuzz_on_model
 
         return 0 if run_fuzz_on_model(args.model, args.fuzz, args.seed, json_path=args.json) else 1
     if args.load:
@@ -126,7 +126,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .tools.demo import run_demo
 
     for path in run_demo(Path(args.output), args.prompt, args.seed):
         print(f"wrote {path.resolve()}")
@@ -134,7 +134,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, format_table, meets_targets
+    from .tools.evaluate import evaluate, format_table, meets_targets
 
     results = evaluate(args.model, args.count, args.seed, args.sampler)
     print(f"{args.count} prompts from the shapes grammar, one image each per sampler, through the gRPC server")
@@ -146,7 +146,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_gallery(args: argparse.Namespace) -> int:
-    from .evaluate import GALLERY_PROMPTS, make_gallery
+    from .tools.evaluate import GALLERY_PROMPTS, make_gallery
 
     print(f"wrote {make_gallery(args.model, Path(args.output), args.prompts or GALLERY_PROMPTS, args.seed)}")
     return 0

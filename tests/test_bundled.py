@@ -12,10 +12,10 @@ import pytest
 from diffuserve.engine.manifest import Manifest
 from diffuserve.export.exporter import source_hash
 from diffuserve.export.reference import DIFFUSERS_SCHEDULERS, load_reference_pipeline, reference_images
-from diffuserve.server.evaluate import TARGETS, evaluate
 from diffuserve.server.models import BUNDLED_MODEL, load_model
 from diffuserve.server.params import GenerateParams
 from diffuserve.server.pipeline import render
+from diffuserve.server.tools.evaluate import TARGETS, evaluate
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "shapes-sd"
 

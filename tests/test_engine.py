@@ -64,7 +64,7 @@ def test_runtime_does_not_import_the_export_stack(tiny_export: Path) -> None:
     code = (
         "import sys\n"
         "from diffuserve.server.models import load_model\n"
-        "import diffuserve.server.app, diffuserve.server.cli, diffuserve.server.bench\n"
+        "import diffuserve.server.app, diffuserve.server.cli, diffuserve.server.tools.bench\n"
         f"load_model({str(tiny_export)!r}, backend='cpu')\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'diffusers', 'optimum') if m in sys.modules)\n"
         "assert not heavy, heavy\n"

@@ -11,7 +11,8 @@ import grpc
 import pytest
 
 from diffuserve.server.app import BackgroundServer, ServerConfig
-from diffuserve.server.fuzz import (
+from diffuserve.server.models import ServedModel
+from diffuserve.server.tools.fuzz import (
     GENERATE,
     GENERATE_STREAM,
     KINDS,
@@ -33,7 +34,6 @@ from diffuserve.server.fuzz import (
     structured_case,
     tally,
 )
-from diffuserve.server.models import ServedModel
 from diffuserve.v1 import diffusion_pb2 as pb
 from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 

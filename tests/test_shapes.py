@@ -5,7 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from diffuserve.server.shapes import COLOURS, POSITIONS, SHAPES, SIZES, Scene, classify, describe, random_scene, render
+from diffuserve.server.tools.shapes import (
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    classify,
+    describe,
+    random_scene,
+    render,
+)
 
 
 def test_classifier_reads_every_rendered_scene_correctly() -> None:

@@ -15,14 +15,14 @@ import numpy as np
 from diffuserve.v1 import diffusion_pb2 as pb
 from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
-from .app import CHANNEL_OPTIONS, BackgroundServer, ServerConfig
-from .images import encode_image
-from .models import ServedModel, load_model
-from .noise import NOISE_MODES, make_generator
-from .params import GenerateParams, scheduler_enum, validate
-from .pipeline import Solo, StageTimes, UNetRows, encode_prompts, generate, to_uint8
-from .schedulers import INITIAL_STATE, get_sampler, make_plan
-from .worker import WorkerConfig
+from ..app import CHANNEL_OPTIONS, BackgroundServer, ServerConfig
+from ..images import encode_image
+from ..models import ServedModel, load_model
+from ..noise import NOISE_MODES, make_generator
+from ..params import GenerateParams, scheduler_enum, validate
+from ..pipeline import Solo, StageTimes, UNetRows, encode_prompts, generate, to_uint8
+from ..schedulers import INITIAL_STATE, get_sampler, make_plan
+from ..worker import WorkerConfig
 
 BENCH_PROMPT = "a red circle on a blue background"
 BENCH_SEED = 7

@@ -19,8 +19,8 @@ from PIL import Image
 from diffuserve.v1 import diffusion_pb2 as pb
 from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
-from .app import CHANNEL_OPTIONS, BackgroundServer, ServerConfig
-from .params import scheduler_enum, scheduler_name
+from ..app import CHANNEL_OPTIONS, BackgroundServer, ServerConfig
+from ..params import scheduler_enum, scheduler_name
 from .shapes import Scene, classify, describe, random_scene
 
 ATTRIBUTES = ("fg", "bg", "shape")

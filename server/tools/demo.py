@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .app import BackgroundServer, ServerConfig
-from .client import ClientRequest, request_generate, write_images
-from .models import BUNDLED_MODEL
+from ..app import BackgroundServer, ServerConfig
+from ..client import ClientRequest, request_generate, write_images
+from ..models import BUNDLED_MODEL
 
 log = logging.getLogger(__name__)
 

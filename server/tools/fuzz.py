@@ -20,9 +20,9 @@ import grpc
 from diffuserve.v1 import diffusion_pb2 as pb
 from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
-from .images import MIME_TYPES
-from .params import MAX_PROMPT_CHARS, MAX_REQUEST_ID_CHARS, format_name
-from .service import RETRY_PUSHBACK_KEY
+from ..images import MIME_TYPES
+from ..params import MAX_PROMPT_CHARS, MAX_REQUEST_ID_CHARS, format_name
+from ..service import RETRY_PUSHBACK_KEY
 
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy

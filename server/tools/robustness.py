@@ -23,9 +23,9 @@ import numpy as np
 from diffuserve.v1 import diffusion_pb2 as pb
 from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
-from .app import CHANNEL_OPTIONS, BackgroundServer, ServerConfig
-from .models import load_model
-from .worker import WorkerConfig
+from ..app import CHANNEL_OPTIONS, BackgroundServer, ServerConfig
+from ..models import load_model
+from ..worker import WorkerConfig
 
 PROMPT = "a red circle on a blue background"
 POLL_S = 0.005
