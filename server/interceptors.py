@@ -71,6 +71,18 @@ async def internal_error(context: grpc.aio.ServicerContext, method: str, error: 
     await context.abort(grpc.StatusCode.INTERNAL, f"{method} failed on the server; its log has the details")
 
 
+async def relay(responses: Any, context: grpc.aio.ServicerContext) -> None:
+    """A streaming handler's responses onto the call: it yields them, or writes them to the context itself."""
+    if not inspect.isasyncgen(responses):
+        await responses
+        return
+    try:
+        async for response in responses:
+            await context.write(response)
+    finally:  # runs the handler's own clean-up now, however the call ends
+        await responses.aclose()
+
+
 def guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     deserialize = tolerant(handler.request_deserializer)
     if handler.response_streaming:
@@ -78,16 +90,8 @@ def guard(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
 
         async def streaming(request: Any, context: grpc.aio.ServicerContext) -> None:
             await refuse_undecodable(request, context, method)
-            responses = inner(request, context)
             try:
-                if inspect.isasyncgen(responses):  # a handler that yields; others write to the context themselves
-                    try:
-                        async for response in responses:
-                            await context.write(response)
-                    finally:  # runs the handler's own clean-up now, however the call ends
-                        await responses.aclose()
-                else:
-                    await responses
+                await relay(inner(request, context), context)
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as e:

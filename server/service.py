@@ -150,9 +150,13 @@ def outcome(job: Job) -> asyncio.Future:
     waiter = loop.create_future()
 
     def copy(done: Future) -> None:
-        if not waiter.done():
-            error = done.exception()
-            waiter.set_exception(error) if error is not None else waiter.set_result(done.result())
+        if waiter.done():  # the handler stopped waiting
+            return
+        error = done.exception()
+        if error is not None:
+            waiter.set_exception(error)
+        else:
+            waiter.set_result(done.result())
 
     def settled(done: Future) -> None:  # on the worker thread
         if not loop.is_closed():

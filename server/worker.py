@@ -154,14 +154,12 @@ class Job:
 
     def settle(self, result: GenerateResult | None = None, error: Exception | None = None) -> None:
         """Delivers the outcome once; a future already settled (or cancelled by its caller) is left as it is."""
-        if self.future.done():
-            return
         try:
             if error is not None:
                 self.future.set_exception(error)
             else:
                 self.future.set_result(result)
-        except InvalidStateError:  # settled by another thread in between
+        except InvalidStateError:
             pass
 
 
@@ -261,19 +259,22 @@ class InferenceWorker:
     @staticmethod
     def _deliver(job: Job, pixels: np.ndarray | None) -> None:
         """The per-request steps after the shared engine calls: whatever fails here fails this request alone."""
-        if pixels is not None and job.proceed():
-            try:
-                encoded = encode_images(job.params, pixels, job.times)
-            except Exception as e:
-                job.fail("encoding its images", e)
-            else:
-                for index, (data, mime) in enumerate(encoded):
-                    job.emit(ImageReady(index, data, mime))
-                job.times.total_ms = (time.perf_counter() - job.accepted) * 1e3
-                if job.failure is None:
-                    job.settle(GenerateResult(encoded, pixels, job.times))
-                    return
-        job.settle(error=job.stop_reason())
+        if pixels is None or not job.proceed():
+            job.settle(error=job.stop_reason())
+            return
+        try:
+            encoded = encode_images(job.params, pixels, job.times)
+        except Exception as e:
+            job.fail("encoding its images", e)
+            job.settle(error=job.failure)
+            return
+        for index, (data, mime) in enumerate(encoded):
+            job.emit(ImageReady(index, data, mime))
+        job.times.total_ms = (time.perf_counter() - job.accepted) * 1e3
+        if job.failure is not None:  # an image event could not be delivered
+            job.settle(error=job.failure)
+        else:
+            job.settle(GenerateResult(encoded, pixels, job.times))
 
     def _run(self, batch: list[Job]) -> None:
         start = time.perf_counter()
