@@ -23,8 +23,8 @@ install: $(BIN)/diffuserve
 
 # The bundled model's engines are a build output: exported from the committed weights (about 30 s), parity gate
 # included, whenever the weights change. The package (and a wheel built from it) carries them.
-$(BUNDLED)/manifest.json: $(shell find $(WEIGHTS) -type f -not -name training.json) | $(BIN)/diffuserve
-	$(BIN)/diffuserve export $(WEIGHTS) -o $(BUNDLED) --height 64 --width 64 --batch 1 --batch 4 --name shapes \
+$(BUNDLED)/manifest.json: $(shell find $(WEIGHTS) -type f -not -name training.json) $(wildcard export/*.py) engine/manifest.py | $(BIN)/diffuserve
+	$(BIN)/diffuserve export $(WEIGHTS) -o $(BUNDLED) --size 64x64 --batch 1 --batch 4 --name shapes \
 		--default-steps 20 --default-guidance 3
 
 bundle: $(BUNDLED)/manifest.json

@@ -1,33 +1,113 @@
-"""Loading a built model folder into one Engine per component."""
+"""Loading a built model folder: the backend chosen, its target's graphs, one Engine per component and shape."""
 
 from __future__ import annotations
 
 import logging
 import os
+import platform
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .base import Engine
-from .manifest import Manifest
-from .ort import OrtEngine, resolve_backend
+from .manifest import CPU_TARGET, CUDA_TARGET, Manifest, TargetRecord
+from .ort import BACKENDS, CUDA, BackendUnavailableError, import_onnxruntime, load_cpu_engines
 
 log = logging.getLogger(__name__)
 
+# The target whose graphs each backend runs.
+BACKEND_TARGETS = {"cpu": CPU_TARGET, "cuda": CUDA_TARGET}
 
-def load_engines(
-    folder: str | os.PathLike, components: Sequence[str], backend: str = "auto", threads: int | None = None
-) -> tuple[Manifest, dict[str, tuple[Engine, ...]]]:
-    """Loads every batch size of the named components; the backend is resolved once and must be really active."""
-    manifest = Manifest.load(folder)
-    manifest.require(components)
-    resolved = resolve_backend(backend)
-    engines: dict[str, tuple[Engine, ...]] = {}
+
+@dataclass(frozen=True)
+class LoadedEngines:
+    manifest: Manifest
+    backend: str
+    target: str
+    # Per component, one engine per (batch, size) shape, in the manifest's order; all share one copy of the weights.
+    engines: dict[str, tuple[Engine, ...]]
+    providers: tuple[str, ...]
+    device: str
+    # Why this backend runs: asked for, or what `auto` found.
+    reason: str = ""
+    load_s: dict[str, float] = field(default_factory=dict)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def auto_candidates(manifest: Manifest) -> tuple[list[str], str]:
+    """The backends `auto` tries, best first, and why: CUDA where onnxruntime-gpu offers it and the folder has its
+    target, then the CPU."""
+    available = import_onnxruntime().get_available_providers()
+    if CUDA not in available:
+        return ["cpu"], "onnxruntime offers no CUDAExecutionProvider"
+    if CUDA_TARGET not in manifest.targets:
+        return ["cpu"], f"the model has no {CUDA_TARGET!r} target (export it with --target cuda)"
+    return ["cuda", "cpu"], "onnxruntime offers CUDAExecutionProvider"
+
+
+def load_target(
+    folder: Path, target: TargetRecord, backend: str, components: Sequence[str], threads: int | None, cuda_options
+) -> tuple[dict[str, tuple[Engine, ...]], dict[str, float]]:
+    engines, seconds = {}, {}
     for name in components:
         start = time.perf_counter()
-        engines[name] = tuple(
-            OrtEngine(record.spec, Path(folder) / record.onnx_file, resolved, threads)
-            for record in manifest.components[name]
+        graph = target.components[name]
+        specs = [shape.spec for shape in graph.shapes]
+        if backend == "cuda":
+            from .ort_cuda import CudaOptions, load_cuda_engines
+
+            engines[name] = load_cuda_engines(folder / graph.graph_file, specs, cuda_options or CudaOptions())
+        else:
+            engines[name] = load_cpu_engines(folder / graph.graph_file, specs, threads)
+        seconds[name] = time.perf_counter() - start
+    return engines, seconds
+
+
+def load_engines(
+    folder: str | os.PathLike,
+    components: Sequence[str],
+    backend: str = "auto",
+    threads: int | None = None,
+    cuda_options=None,
+    manifest: Manifest | None = None,
+) -> LoadedEngines:
+    """Loads every shape of the named components on the backend asked for; `auto` takes the best that really runs,
+    and an explicitly asked backend that does not really run is an error."""
+    folder = Path(folder)
+    manifest = manifest or Manifest.load(folder)
+    if backend == "auto":
+        candidates, reason = auto_candidates(manifest)
+    elif backend in BACKENDS:
+        candidates, reason = [backend], "asked for"
+    else:
+        raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
+    for candidate in candidates:
+        target_name = BACKEND_TARGETS[candidate]
+        target = manifest.require(target_name, components)
+        try:
+            engines, seconds = load_target(folder, target, candidate, components, threads, cuda_options)
+        except BackendUnavailableError as e:
+            if candidate == candidates[-1]:
+                raise
+            log.warning("%s: backend %s does not run here (%s); trying the next", manifest.name, candidate, e)
+            reason = f"{candidate} did not run: {e}"
+            continue
+        first = engines[components[0]][0]
+        device = first.device if candidate == "cuda" else cpu_name()
+        for name, s in seconds.items():
+            log.info("%s/%s: %d shapes loaded on %s in %.1f s", manifest.name, name, len(engines[name]), candidate, s)
+        return LoadedEngines(
+            manifest, candidate, target_name, engines, tuple(first.providers), device, reason, seconds
         )
-        log.info("%s/%s: loaded on %s in %.1f s", manifest.name, name, resolved, time.perf_counter() - start)
-    return manifest, engines
+    raise AssertionError("unreachable: the last candidate raises")

@@ -13,7 +13,8 @@ import numpy as np
 
 MANIFEST_NAME = "manifest.json"
 # Bumped when a field changes meaning, so an old runtime refuses a folder it would misread.
-FORMAT_VERSION = 2
+# 3: per-target graphs (one graph per component and target, several sizes), sizes instead of one height/width.
+FORMAT_VERSION = 3
 
 # The component names used everywhere: specs, ONNX files, engines, manifest.
 TEXT_ENCODER = "text_encoder"
@@ -34,6 +35,33 @@ LATENT_MEAN = "latent_mean"
 LATENT_LOGVAR = "latent_logvar"
 
 DTYPES = ("float32", "float16", "int32", "int64")
+
+# Export targets: the graphs each runtime needs. `cpu` keeps fp32 graphs as exported (fp16 is slower on a CPU);
+# `cuda` holds fp16 graphs fused for ONNX Runtime's CUDA provider, whose fused ops have no CPU kernels.
+CPU_TARGET = "cpu"
+CUDA_TARGET = "cuda"
+TARGETS = (CPU_TARGET, CUDA_TARGET)
+
+# The dimensions each graph leaves symbolic, per component and tensor: one graph serves every batch and image size
+# the manifest lists, and a runtime that wants static shapes pins these names to one shape's values.
+SYMBOLIC_AXES: dict[str, dict[str, dict[int, str]]] = {
+    TEXT_ENCODER: {INPUT_IDS: {0: "batch"}, LAST_HIDDEN_STATE: {0: "batch"}},
+    UNET: {
+        SAMPLE: {0: "unet_batch", 2: "latent_height", 3: "latent_width"},
+        TIMESTEP: {0: "unet_batch"},
+        ENCODER_HIDDEN_STATES: {0: "unet_batch"},
+        MODEL_OUTPUT: {0: "unet_batch", 2: "latent_height", 3: "latent_width"},
+    },
+    VAE_DECODER: {
+        LATENT_SAMPLE: {0: "batch", 2: "latent_height", 3: "latent_width"},
+        SAMPLE: {0: "batch", 2: "height", 3: "width"},
+    },
+    VAE_ENCODER: {
+        SAMPLE: {0: "batch", 2: "height", 3: "width"},
+        LATENT_MEAN: {0: "batch", 2: "latent_height", 3: "latent_width"},
+        LATENT_LOGVAR: {0: "batch", 2: "latent_height", 3: "latent_width"},
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -59,7 +87,7 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class ComponentSpec:
-    """A component's I/O contract: the source of the ONNX graph's names, the engine checks and the manifest."""
+    """A component's I/O contract at one shape: the source of the graph's names, the engine checks and the manifest."""
 
     name: str
     inputs: tuple[TensorSpec, ...]
@@ -69,6 +97,11 @@ class ComponentSpec:
     def batch_size(self) -> int:
         """The static batch every input shares (dimension 0)."""
         return self.inputs[0].shape[0]
+
+    def free_dimensions(self) -> dict[str, int]:
+        """The graph's symbolic dimensions pinned to this shape (ONNX Runtime's free-dimension overrides)."""
+        axes = SYMBOLIC_AXES[self.name]
+        return {dim: t.shape[axis] for t in self.inputs for axis, dim in axes.get(t.name, {}).items()}
 
     def to_dict(self) -> dict[str, Any]:
         return {"inputs": [asdict(t) for t in self.inputs], "outputs": [asdict(t) for t in self.outputs]}
@@ -82,15 +115,86 @@ class ComponentSpec:
         )
 
 
+Size = tuple[int, int]  # (width, height) in pixels, as a request and AUTOMATIC1111's `Size:` give it
+
+
+def format_size(size: Size) -> str:
+    return f"{size[0]}x{size[1]}"
+
+
 @dataclass(frozen=True)
-class ComponentRecord:
-    """A component as built: its contract, its file and how far the runtime drifted from PyTorch at export."""
+class ShapeRecord:
+    """One (batch, image size) a component's graph serves: its static contract there, and the parity measured."""
 
     spec: ComponentSpec
-    onnx_file: str
-    # Images per call it was exported for (the U-Net's spec has twice the rows, for guidance).
+    # Images per call (the U-Net's spec has twice the rows, for guidance).
     batch: int
+    # The image size (width, height) it serves; None for a component whose shapes do not depend on it (text).
+    size: Size | None
     parity: Mapping[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        size = list(self.size) if self.size else None
+        return {**self.spec.to_dict(), "batch": self.batch, "size": size, "parity": dict(self.parity)}
+
+    @classmethod
+    def from_dict(cls, component: str, d: Mapping[str, Any]) -> ShapeRecord:
+        size = tuple(d["size"]) if d.get("size") else None
+        return cls(ComponentSpec.from_dict(component, d), d["batch"], size, d.get("parity", {}))
+
+
+@dataclass(frozen=True)
+class ComponentGraph:
+    """A component in one target: one graph file (its weights once) and every shape it serves."""
+
+    graph_file: str
+    shapes: tuple[ShapeRecord, ...]
+    # Op types left in float32 inside an fp16 graph, where fp16 would overflow.
+    fp32_ops: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "graph_file": self.graph_file,
+            "fp32_ops": list(self.fp32_ops),
+            "shapes": [shape.to_dict() for shape in self.shapes],
+        }
+
+    @classmethod
+    def from_dict(cls, component: str, d: Mapping[str, Any]) -> ComponentGraph:
+        shapes = tuple(ShapeRecord.from_dict(component, s) for s in d["shapes"])
+        return cls(d["graph_file"], shapes, tuple(d.get("fp32_ops", ())))
+
+
+@dataclass(frozen=True)
+class TargetRecord:
+    """What one export target produced: its precision, a graph per component, and how its parity was checked."""
+
+    precision: str
+    components: Mapping[str, ComponentGraph]
+    # The runtime and graph the parity gate ran, e.g. "fp16 graph before fusion, onnxruntime CPUExecutionProvider".
+    checked_with: str = ""
+    # The decoded image against the fp32 pipeline on the same latents (fp16 targets): psnr_db, mean/max_abs_diff.
+    image_parity: Mapping[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "precision": self.precision,
+            "checked_with": self.checked_with,
+            "image_parity": dict(self.image_parity),
+            "components": {name: graph.to_dict() for name, graph in self.components.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TargetRecord:
+        components = {name: ComponentGraph.from_dict(name, c) for name, c in d["components"].items()}
+        return cls(d["precision"], components, d.get("checked_with", ""), d.get("image_parity", {}))
+
+    def record(self, component: str, batch: int | None = None, size: Size | None = None) -> ShapeRecord:
+        """The component's shape for one batch and size (the first exported of each by default)."""
+        for shape in self.components[component].shapes:
+            if (batch is None or shape.batch == batch) and (size is None or shape.size in (None, tuple(size))):
+                return shape
+        raise KeyError(f"{component}: no shape for batch {batch} at {size}")
 
 
 @dataclass(frozen=True)
@@ -102,12 +206,11 @@ class Manifest:
     vae_shift_factor: float
     latent_channels: int
     vae_downsample: int
-    height: int
-    width: int
-    # Every static batch exported, ascending; each component has one record (engine) per batch size.
+    # Every image size exported, (width, height); the first is what a request that names none gets.
+    sizes: tuple[Size, ...]
+    # Every static batch exported, ascending; each graph has one shape per batch size and image size.
     batch_sizes: tuple[int, ...]
-    precision: str
-    components: Mapping[str, tuple[ComponentRecord, ...]]
+    targets: Mapping[str, TargetRecord]
     source: Mapping[str, str] = field(default_factory=dict)
     versions: Mapping[str, str] = field(default_factory=dict)
     # Linear map from one latent pixel (channels, then 1 for the bias) to RGB in 0..1: cheap previews, no VAE call.
@@ -116,45 +219,43 @@ class Manifest:
     defaults: Mapping[str, Any] = field(default_factory=dict)
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        """One image's latent shape (channels, height, width)."""
-        return (self.latent_channels, self.height // self.vae_downsample, self.width // self.vae_downsample)
+    def default_size(self) -> Size:
+        return self.sizes[0]
+
+    def latent_shape(self, size: Size) -> tuple[int, int, int]:
+        """One image's latent shape (channels, height, width) at an image size (width, height)."""
+        width, height = size
+        return (self.latent_channels, height // self.vae_downsample, width // self.vae_downsample)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k != "components"}
+        d = {k: v for k, v in asdict(self).items() if k != "targets"}
         d["format_version"] = FORMAT_VERSION
-        d["components"] = {
-            name: [
-                {**rec.spec.to_dict(), "onnx_file": rec.onnx_file, "batch": rec.batch, "parity": dict(rec.parity)}
-                for rec in records
-            ]
-            for name, records in self.components.items()
-        }
+        d["sizes"] = [list(size) for size in self.sizes]
+        d["targets"] = {name: target.to_dict() for name, target in self.targets.items()}
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Manifest:
         version = d.get("format_version")
         if version != FORMAT_VERSION:
-            raise ValueError(f"manifest format_version is {version!r}; this diffuserve reads {FORMAT_VERSION}")
-        components = {
-            name: tuple(
-                ComponentRecord(ComponentSpec.from_dict(name, c), c["onnx_file"], c["batch"], c.get("parity", {}))
-                for c in cs
+            raise ValueError(
+                f"manifest format_version is {version!r}; this diffuserve reads {FORMAT_VERSION}: export the model "
+                "again with this version"
             )
-            for name, cs in d["components"].items()
-        }
-        fields = {k: d[k] for k in cls.__dataclass_fields__ if k != "components" and k in d}
+        fields = {k: d[k] for k in cls.__dataclass_fields__ if k != "targets" and k in d}
+        fields["sizes"] = tuple(tuple(size) for size in fields["sizes"])
         fields["batch_sizes"] = tuple(fields["batch_sizes"])
         fields["latent_rgb"] = tuple(tuple(row) for row in fields.get("latent_rgb", ()))
-        return cls(components=components, **fields)
+        return cls(targets={name: TargetRecord.from_dict(t) for name, t in d["targets"].items()}, **fields)
 
-    def record(self, component: str, batch: int | None = None) -> ComponentRecord:
-        """The component's engine for one batch size (the smallest by default)."""
-        for record in self.components[component]:
-            if batch is None or record.batch == batch:
-                return record
-        raise KeyError(f"{component}: no engine for batch {batch}; exported batches are {list(self.batch_sizes)}")
+    def target(self, name: str) -> TargetRecord:
+        """The target a backend runs; a folder without it is refused with the export flag that adds it."""
+        if name not in self.targets:
+            raise ValueError(
+                f"model {self.name!r} has no {name!r} target (it has {sorted(self.targets)}): export it again with "
+                f"--target {name}" + "".join(f" --target {t}" for t in sorted(self.targets))
+            )
+        return self.targets[name]
 
     def save(self, folder: str | os.PathLike) -> Path:
         path = Path(folder) / MANIFEST_NAME
@@ -168,7 +269,12 @@ class Manifest:
             raise FileNotFoundError(f"{folder}: no {MANIFEST_NAME}; is this a folder made by 'diffuserve export'?")
         return cls.from_dict(json.loads(path.read_text()))
 
-    def require(self, names: Sequence[str]) -> None:
-        missing = [n for n in names if n not in self.components]
+    def require(self, target: str, names: Sequence[str]) -> TargetRecord:
+        record = self.target(target)
+        missing = [n for n in names if n not in record.components]
         if missing:
-            raise ValueError(f"model {self.name!r} lacks component(s) {missing}; it has {sorted(self.components)}")
+            raise ValueError(
+                f"model {self.name!r} lacks component(s) {missing} in its {target!r} target; "
+                f"it has {sorted(record.components)}"
+            )
+        return record

@@ -1,4 +1,4 @@
-"""diffusers folder -> ONNX graphs + manifest, ending with the parity gate."""
+"""diffusers folder -> one ONNX graph per component and target + manifest, ending with the parity gates."""
 
 from __future__ import annotations
 
@@ -7,34 +7,63 @@ import io
 import json
 import logging
 import shutil
+import tempfile
 import time
 import warnings
-from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
+import onnx
 import torch
 from torch import nn
 
-from diffuserve.engine.manifest import MANIFEST_NAME, ComponentRecord, ComponentSpec, Manifest
-from diffuserve.engine.ort import OrtEngine
+from diffuserve.engine.base import Engine
+from diffuserve.engine.manifest import (
+    CPU_TARGET,
+    CUDA_TARGET,
+    MANIFEST_NAME,
+    SYMBOLIC_AXES,
+    TARGETS,
+    TEXT_ENCODER,
+    ComponentGraph,
+    ComponentSpec,
+    Manifest,
+    ShapeRecord,
+    Size,
+    TargetRecord,
+    format_size,
+)
+from diffuserve.engine.ort import BackendUnavailableError, load_cpu_engines
 
-from .parity import DEFAULT_TOLERANCE, ParityError, check_parity, random_feeds
+from .graphs import DEFAULT_FP32_OPS, fused_fp16_graph, save_graph, unfused_fp16_graph
+from .parity import (
+    DEFAULT_MIN_IMAGE_PSNR,
+    DEFAULT_TOLERANCE,
+    FP16_TOLERANCE,
+    ImageParity,
+    ParityError,
+    check_parity,
+    image_parity,
+    random_feeds,
+)
 from .previews import fit_latent_rgb
-from .shared_weights import share_weights
-from .specs import ModelDims, component_specs
+from .specs import ModelDims, check_image_size, component_specs
 from .wrappers import wrap_components
 
 log = logging.getLogger(__name__)
 
-# The dynamo exporter needs opset 18 or newer.
-OPSET = 18
+# The TorchScript exporter: onnxruntime.transformers' fusions (attention, GroupNorm, BiasSplitGelu) match the graphs
+# it writes, and it names symbolic dimensions so one graph serves every shape; the dynamo exporter's graphs fused
+# almost nothing (see NOTES). Opset 17 is the newest it writes LayerNormalization for.
+OPSET = 17
 # The classes a Stable Diffusion 1.x/2.x folder must name in model_index.json for this exporter.
 EXPECTED_CLASSES = {"text_encoder": "CLIPTextModel", "unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+# Precision of each target's graphs.
+TARGET_PRECISION = {CPU_TARGET: "fp32", CUDA_TARGET: "fp16"}
 
 
 class ExportError(RuntimeError):
@@ -43,11 +72,16 @@ class ExportError(RuntimeError):
 
 @dataclass(frozen=True)
 class ExportOptions:
-    height: int = 512
-    width: int = 512
+    # Image sizes (width, height) to serve; the first is what a request that names none gets.
+    sizes: tuple[Size, ...] = ((512, 512),)
     # Static batch sizes to build engines for; the server pads a batch to the smallest that fits.
     batches: tuple[int, ...] = (1,)
+    targets: tuple[str, ...] = (CPU_TARGET,)
     parity_tolerance: float = DEFAULT_TOLERANCE
+    fp16_tolerance: float = FP16_TOLERANCE
+    min_image_psnr: float = DEFAULT_MIN_IMAGE_PSNR
+    # Op types to keep in float32 in fp16 graphs, per component, added to DEFAULT_FP32_OPS.
+    fp32_ops: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     name: str | None = None
     default_steps: int | None = None
     default_guidance_scale: float | None = None
@@ -56,11 +90,26 @@ class ExportOptions:
         if not self.batches or any(b < 1 for b in self.batches):
             raise ValueError(f"--batch values must be positive integers, got {list(self.batches)}")
         object.__setattr__(self, "batches", tuple(sorted(set(self.batches))))
+        if not self.sizes:
+            raise ValueError("--size: give at least one WIDTHxHEIGHT")
+        object.__setattr__(self, "sizes", tuple(dict.fromkeys(tuple(s) for s in self.sizes)))
+        unknown = sorted(set(self.targets) - set(TARGETS))
+        if not self.targets or unknown:
+            raise ValueError(f"--target must be among {list(TARGETS)}, got {list(self.targets)}")
+        object.__setattr__(self, "targets", tuple(dict.fromkeys(self.targets)))
+        for component in self.fp32_ops:
+            if component not in DEFAULT_FP32_OPS:
+                raise ValueError(
+                    f"--fp32-ops: unknown component {component!r}; components are {list(DEFAULT_FP32_OPS)}"
+                )
 
     @property
     def request_defaults(self) -> dict[str, float]:
         given = {"steps": self.default_steps, "guidance_scale": self.default_guidance_scale}
         return {key: value for key, value in given.items() if value is not None}
+
+    def fp32_ops_for(self, component: str) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((*DEFAULT_FP32_OPS[component], *self.fp32_ops.get(component, ()))))
 
 
 def read_model_index(src: Path) -> dict:
@@ -95,10 +144,16 @@ def load_components(src: Path) -> tuple[nn.Module, nn.Module, nn.Module]:
 
     for part in EXPECTED_CLASSES:
         check_safetensors(src, part)
+    from diffusers.models.attention_processor import AttnProcessor
+
     load = {"use_safetensors": True, "dtype": torch.float32}
     text_encoder = CLIPTextModel.from_pretrained(src / "text_encoder", **load)
     unet = UNet2DConditionModel.from_pretrained(src / "unet", **load)
     vae = AutoencoderKL.from_pretrained(src / "vae", **load)
+    # Plain matmul-softmax attention instead of torch's fused SDPA: the attention fusions of onnxruntime.transformers
+    # match this pattern (they found none in SDPA's graph), and the numbers are the same to float32 rounding.
+    for module in (unet, vae):
+        module.set_attn_processor(AttnProcessor())
     return text_encoder.eval(), unet.eval(), vae.eval()
 
 
@@ -128,26 +183,47 @@ def model_dims(src: Path, text_encoder: nn.Module, unet: nn.Module, vae: nn.Modu
     )
 
 
-def export_onnx(module: nn.Module, spec: ComponentSpec, feeds: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def export_onnx(module: nn.Module, spec: ComponentSpec, path: Path) -> None:
+    """The fp32 graph of one component, its batch and image dimensions symbolic, weights in one data file."""
+    feeds = random_feeds(spec, 1, 1)
     args = tuple(torch.from_numpy(feeds[t.name]) for t in spec.inputs)
-    # The exporter narrates every pass and warns about optional packages; keep that for --verbose only.
+    axes = SYMBOLIC_AXES[spec.name]
+    # The exporter warns about its deprecation and narrates its passes; keep that for --verbose only.
     chatter = io.StringIO()
-    with torch.no_grad(), warnings.catch_warnings(), redirect_stdout(chatter), redirect_stderr(chatter):
-        warnings.simplefilter("ignore")
-        for noisy in ("torch.onnx", "onnx_ir", "onnxscript"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
-        torch.onnx.export(
-            module,
-            args,
-            str(path),
-            input_names=[t.name for t in spec.inputs],
-            output_names=[t.name for t in spec.outputs],
-            opset_version=OPSET,
-            dynamo=True,
-            verbose=False,
-        )
+    with tempfile.TemporaryDirectory() as tmp:
+        # Above 2 GB it writes one file per tensor: export aside, then save as one graph and one data file.
+        raw = Path(tmp) / "model.onnx"
+        with torch.no_grad(), warnings.catch_warnings(), redirect_stdout(chatter), redirect_stderr(chatter):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                args,
+                str(raw),
+                input_names=[t.name for t in spec.inputs],
+                output_names=[t.name for t in spec.outputs],
+                dynamic_axes={t.name: axes[t.name] for t in (*spec.inputs, *spec.outputs) if t.name in axes},
+                opset_version=OPSET,
+                dynamo=False,
+            )
+        model = onnx.load(str(raw))
+        declare_io_shapes(model, spec)
+        save_graph(model, path)
     log.debug("torch.onnx.export of %s:\n%s", spec.name, chatter.getvalue())
+
+
+def declare_io_shapes(model: onnx.ModelProto, spec: ComponentSpec) -> None:
+    """The graph's inputs and outputs as the spec has them: symbolic where SYMBOLIC_AXES says, the spec's size
+    elsewhere (the exporter leaves some output dimensions it could not trace as invented names)."""
+    axes = SYMBOLIC_AXES[spec.name]
+    tensors = {t.name: t for t in (*spec.inputs, *spec.outputs)}
+    for value in (*model.graph.input, *model.graph.output):
+        tensor = tensors[value.name]
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            name = axes.get(tensor.name, {}).get(axis)
+            if name:
+                dim.dim_param = name
+            else:
+                dim.dim_value = tensor.shape[axis]
 
 
 def source_hash(src: Path) -> str:
@@ -175,53 +251,127 @@ def versions() -> dict[str, str]:
     return found
 
 
+def shape_specs(dims: ModelDims, options: ExportOptions) -> dict[str, list[tuple[int, Size | None, ComponentSpec]]]:
+    """Every (batch, size) each component serves; the text encoder's shapes do not depend on the image size."""
+    shapes: dict[str, list[tuple[int, Size | None, ComponentSpec]]] = {}
+    for width, height in options.sizes:
+        check_image_size(dims, height, width)
+        for batch in options.batches:
+            for name, spec in component_specs(dims, height, width, batch).items():
+                size = None if name == TEXT_ENCODER else (width, height)
+                if (batch, size) not in {(b, s) for b, s, _ in shapes.get(name, [])}:
+                    shapes.setdefault(name, []).append((batch, size, spec))
+    return shapes
+
+
+@dataclass
+class ExportRun:
+    """What one export works with: the torch modules, their shapes, where graphs go, and how to report."""
+
+    out: Path
+    options: ExportOptions
+    modules: dict[str, nn.Module]
+    shapes: dict[str, list[tuple[int, Size | None, ComponentSpec]]]
+    dims: ModelDims
+    report: Callable[[str], None]
+
+    def gate(self, target: str, name: str, engines: Sequence[Engine], tolerance: float) -> list[ShapeRecord]:
+        """Parity of each shape against PyTorch; over tolerance fails the export naming component and shape."""
+        records = []
+        for (batch, size, spec), engine in zip(self.shapes[name], engines, strict=True):
+            feeds = random_feeds(spec, self.dims.vocab_size, self.dims.num_train_timesteps)
+            parity = check_parity(self.modules[name], engine, feeds, tolerance)
+            where = f"{target}/{name} batch {batch}" + (f" {format_size(size)}" if size else "")
+            self.report(
+                f"{where}: parity max|torch - onnxruntime| = {parity.max_abs_diff:.2e} "
+                f"(allowed {parity.allowed:.2e}) {'ok' if parity.passed else 'FAILED'}"
+            )
+            if not parity.passed:
+                raise ParityError(
+                    f"{where}: ONNX Runtime differs from PyTorch by {parity.max_abs_diff:.3e}, over the allowed "
+                    f"{parity.tolerance:g} x {parity.reference_scale:.3g}; the export is not usable"
+                )
+            records.append(ShapeRecord(spec, batch, size, parity.to_dict()))
+        return records
+
+
+def export_fp32(run: ExportRun, folder: Path) -> dict[str, Path]:
+    graphs = {}
+    for index, (name, shapes) in enumerate(run.shapes.items(), start=1):
+        start = time.perf_counter()
+        graphs[name] = folder / f"{name}.onnx"
+        export_onnx(run.modules[name], shapes[0][2], graphs[name])
+        run.report(f"[{index}/{len(run.shapes)}] {name}: exported in {time.perf_counter() - start:.1f} s")
+    return graphs
+
+
+def cpu_target(run: ExportRun, fp32: dict[str, Path]) -> tuple[TargetRecord, dict[str, tuple[Engine, ...]]]:
+    """The fp32 graphs as exported, checked on the CPU; returns the engines too (the fp16 image gate's reference)."""
+    components, engines = {}, {}
+    for name, graph in fp32.items():
+        engines[name] = load_cpu_engines(graph, [spec for *_, spec in run.shapes[name]])
+        shapes = run.gate(CPU_TARGET, name, engines[name], run.options.parity_tolerance)
+        components[name] = ComponentGraph(graph.relative_to(run.out).as_posix(), tuple(shapes))
+    return TargetRecord("fp32", components, "fp32 graph, onnxruntime CPUExecutionProvider"), engines
+
+
+def cuda_engines_here(graph: Path, specs: Sequence[ComponentSpec]) -> tuple[Engine, ...] | None:
+    """The final graph on CUDA when this machine really runs it, else None."""
+    from diffuserve.engine.ort_cuda import CpuPlacementError, CudaOptions, load_cuda_engines
+
+    try:
+        return load_cuda_engines(graph, specs, CudaOptions())
+    except CpuPlacementError:
+        raise  # CUDA runs here, but the graph would put nodes on the CPU: a broken export, not a missing GPU
+    except BackendUnavailableError as e:
+        log.info("no CUDA to check the cuda target on (%s): checking its fp16 graphs before fusion on the CPU", e)
+        return None
+
+
+def cuda_target(
+    run: ExportRun, fp32: dict[str, Path], scratch: Path
+) -> tuple[TargetRecord, dict[str, tuple[Engine, ...]]]:
+    """Fused fp16 graphs; the gate runs the final graph on CUDA where there is one, else the fp16 graph before
+    fusion on the CPU (the fused ops have no CPU kernels). Returns the engines checked, for the image gate."""
+    components, checked, checked_with = {}, {}, []
+    for name, graph in fp32.items():
+        start = time.perf_counter()
+        fp32_ops = run.options.fp32_ops_for(name)
+        final = run.out / CUDA_TARGET / f"{name}.onnx"
+        save_graph(fused_fp16_graph(graph, name, fp32_ops), final)
+        run.report(f"{CUDA_TARGET}/{name}: fused and converted to fp16 in {time.perf_counter() - start:.1f} s")
+        specs = [spec for *_, spec in run.shapes[name]]
+        engines = cuda_engines_here(final, specs)
+        if engines is not None:
+            checked_with.append("final graph, onnxruntime CUDAExecutionProvider")
+        else:
+            unfused = scratch / f"{name}.fp16.onnx"
+            save_graph(unfused_fp16_graph(graph, fp32_ops), unfused)
+            engines = load_cpu_engines(unfused, specs)
+            checked_with.append("fp16 graph before fusion, onnxruntime CPUExecutionProvider")
+        shapes = run.gate(CUDA_TARGET, name, engines, run.options.fp16_tolerance)
+        components[name] = ComponentGraph(final.relative_to(run.out).as_posix(), tuple(shapes), fp32_ops)
+        checked[name] = engines
+    return TargetRecord("fp16", components, "; ".join(sorted(set(checked_with)))), checked
+
+
 def export_model(
     src: str | Path, out: str | Path, options: ExportOptions, report: Callable[[str], None] = log.info
 ) -> Manifest:
-    """Exports every component, checks each against PyTorch, then writes the manifest (last: it marks completion)."""
+    """Exports every component once in fp32, derives each target's graphs and checks them against PyTorch, then
+    writes the manifest (last: it marks completion)."""
     src, out = Path(src), Path(out)
     read_model_index(src)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_NAME).unlink(missing_ok=True)
+    for target in TARGETS:
+        shutil.rmtree(out / target, ignore_errors=True)
 
     text_encoder, unet, vae = load_components(src)
     dims = model_dims(src, text_encoder, unet, vae)
-    modules = wrap_components(text_encoder, unet, vae)
-    jobs = [
-        (batch, spec)
-        for batch in options.batches
-        for spec in component_specs(dims, options.height, options.width, batch).values()
-    ]
-
-    records: dict[str, list[ComponentRecord]] = defaultdict(list)
-    for index, (batch, spec) in enumerate(jobs, start=1):
-        name, step = spec.name, f"[{index}/{len(jobs)}] {spec.name}"
-        report(f"{step}: exporting {', '.join(t.describe() for t in spec.inputs)}")
-        start = time.perf_counter()
-        feeds = random_feeds(spec, dims.vocab_size, dims.num_train_timesteps)
-        onnx_file = f"{name}/model_b{batch}.onnx"
-        export_onnx(modules[name], spec, feeds, out / onnx_file)
-        parity = check_parity(modules[name], OrtEngine(spec, out / onnx_file, "cpu"), feeds, options.parity_tolerance)
-        verdict = "ok" if parity.passed else "FAILED"
-        report(
-            f"{step}: {time.perf_counter() - start:.1f} s, parity max|torch - onnxruntime| = "
-            f"{parity.max_abs_diff:.2e} (allowed {parity.tolerance * parity.reference_scale:.2e}) {verdict}"
-        )
-        if not parity.passed:
-            raise ParityError(
-                f"{name} (batch {batch}): ONNX Runtime differs from PyTorch by {parity.max_abs_diff:.3e}, over the "
-                f"allowed {parity.tolerance:g} x {parity.reference_scale:.3g}; the export is not usable"
-            )
-        records[name].append(ComponentRecord(spec, onnx_file, batch, parity.to_dict()))
-
-    for name, variants in records.items():
-        freed = sum(share_weights(out / variants[0].onnx_file, out / v.onnx_file) for v in variants[1:])
-        if freed:
-            report(f"{name}: {len(variants)} batch sizes share one copy of the weights ({freed / 2**20:.1f} MB saved)")
-
-    shutil.copytree(src / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
-    (out / "scheduler").mkdir(exist_ok=True)
-    shutil.copy2(src / "scheduler" / "scheduler_config.json", out / "scheduler" / "scheduler_config.json")
+    run = ExportRun(out, options, wrap_components(text_encoder, unet, vae), {}, dims, report)
+    run.shapes = shape_specs(dims, options)
+    copy_runtime_files(src, out)
     scheduler = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
     manifest = Manifest(
         name=options.name or src.resolve().name,
@@ -231,16 +381,56 @@ def export_model(
         vae_shift_factor=float(getattr(vae.config, "shift_factor", None) or 0.0),
         latent_channels=dims.latent_channels,
         vae_downsample=dims.vae_downsample,
-        height=options.height,
-        width=options.width,
+        sizes=options.sizes,
         batch_sizes=options.batches,
-        precision="fp32",
-        components={name: tuple(rs) for name, rs in records.items()},
+        targets={},
         source={"path": str(src), "sha256": source_hash(src)},
         versions=versions(),
         defaults=options.request_defaults,
-        latent_rgb=fit_latent_rgb(vae, options.height, options.width),
+        latent_rgb=fit_latent_rgb(vae, options.sizes[0][1], options.sizes[0][0]),
     )
+    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
+        scratch = Path(tmp)
+        # The cpu target is the fp32 export itself; other targets derive from it (kept aside when not served).
+        fp32_folder = out / CPU_TARGET if CPU_TARGET in options.targets else scratch / "fp32"
+        fp32 = export_fp32(run, fp32_folder)
+        cpu, cpu_engines = cpu_target(run, fp32)
+        targets = {CPU_TARGET: cpu}
+        if CUDA_TARGET in options.targets:
+            cuda, cuda_engines = cuda_target(run, fp32, scratch)
+            checked = replace(manifest, targets={CPU_TARGET: cpu, CUDA_TARGET: cuda})
+            image = check_image(run, checked, cpu_engines, cuda_engines)
+            targets[CUDA_TARGET] = replace(cuda, image_parity=image.to_dict())
+        targets = {name: record for name, record in targets.items() if name in options.targets}
+    manifest = replace(manifest, targets=targets)
     manifest.save(out)
-    report(f"wrote {out / MANIFEST_NAME}")
+    report(f"wrote {out / MANIFEST_NAME} (targets {', '.join(targets)})")
     return manifest
+
+
+def copy_runtime_files(src: Path, out: Path) -> None:
+    """What the server reads beside the graphs: the tokenizer and the scheduler config."""
+    shutil.copytree(src / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
+    (out / "scheduler").mkdir(exist_ok=True)
+    shutil.copy2(src / "scheduler" / "scheduler_config.json", out / "scheduler" / "scheduler_config.json")
+
+
+def check_image(
+    run: ExportRun,
+    manifest: Manifest,
+    fp32: dict[str, tuple[Engine, ...]],
+    fp16: dict[str, tuple[Engine, ...]],
+) -> ImageParity:
+    """The fp16 target's decoded image against the fp32 pipeline's on the same latents, at every size."""
+    results = []
+    for size in run.options.sizes:
+        result = image_parity(run.out, manifest, fp32, fp16, size)
+        run.report(f"{CUDA_TARGET}: decoded image at {format_size(size)} against fp32: {result.describe()}")
+        results.append(result)
+    worst = min(results, key=lambda r: r.psnr_db)
+    if worst.psnr_db < run.options.min_image_psnr:
+        raise ParityError(
+            f"{CUDA_TARGET}: the fp16 pipeline's image is {worst.psnr_db:.1f} dB PSNR from the fp32 one, under the "
+            f"required {run.options.min_image_psnr:g} dB; keep the overflowing ops in fp32 with --fp32-ops"
+        )
+    return worst

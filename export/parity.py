@@ -1,19 +1,34 @@
-"""The parity gate: each exported component against PyTorch on the same random inputs."""
+"""The parity gates: each exported component against PyTorch on the same random inputs, and an fp16 target's
+decoded image against the fp32 pipeline's."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from diffuserve.engine.base import Engine
-from diffuserve.engine.manifest import TIMESTEP, ComponentSpec, TensorSpec
+from diffuserve.engine.loader import LoadedEngines
+from diffuserve.engine.manifest import CPU_TARGET, CUDA_TARGET, TIMESTEP, ComponentSpec, Manifest, Size, TensorSpec
 
 # fp32 graphs agree with PyTorch to about 1e-6 on tiny models; full-size U-Nets accumulate more rounding across
 # hundreds of kernels, so the gate allows 1e-3 of the output's magnitude before calling the export broken.
 DEFAULT_TOLERANCE = 1e-3
+# fp16 keeps 11 significant bits (4.9e-4 relative); across the depth of a U-Net the rounding adds up, so an fp16
+# graph is held to 2e-2 of the output's magnitude per component, and judged as a whole on the decoded image.
+FP16_TOLERANCE = 2e-2
+# The least PSNR (dB, 0..1 images) of the fp16 pipeline's image against the fp32 pipeline's on the same latents: an
+# overflow (inf/NaN) or a broken fusion lands far below; fp16 rounding alone stays far above.
+DEFAULT_MIN_IMAGE_PSNR = 30.0
+# Denoising steps of the image gate: enough for every component to run and the rounding to compound, few enough
+# that a full-size model checks in minutes on a CPU.
+IMAGE_PARITY_STEPS = 4
+IMAGE_PARITY_PROMPT = "a photograph of an astronaut riding a horse"
 
 
 class ParityError(RuntimeError):
@@ -28,8 +43,13 @@ class ParityResult:
     tolerance: float
 
     @property
+    def allowed(self) -> float:
+        return self.tolerance * self.reference_scale
+
+    @property
     def passed(self) -> bool:
-        return self.max_abs_diff <= self.tolerance * self.reference_scale
+        # A NaN difference (an overflow in fp16) never passes.
+        return self.max_abs_diff <= self.allowed
 
     def to_dict(self) -> dict[str, float]:
         return {
@@ -67,6 +87,59 @@ def check_parity(
     diff, scale = 0.0, 1.0
     for t, ref in zip(spec.outputs, reference, strict=True):
         ref = ref.float().numpy()
-        diff = max(diff, float(np.max(np.abs(actual[t.name].astype(np.float32) - ref))))
+        error = np.abs(actual[t.name].astype(np.float32) - ref)
+        # An inf or NaN output (fp16 overflow) must fail the gate, and max() would drop a NaN.
+        diff = max(diff, float(np.max(error)) if np.isfinite(error).all() else math.inf)
         scale = max(scale, float(np.max(np.abs(ref))))
     return ParityResult(spec.name, diff, scale, tolerance)
+
+
+@dataclass(frozen=True)
+class ImageParity:
+    """How far one pipeline's decoded image is from another's on the same latents, as 0..1 images."""
+
+    psnr_db: float
+    mean_abs_diff: float
+    max_abs_diff: float
+    size: Size
+    steps: int
+
+    def describe(self) -> str:
+        return f"PSNR {self.psnr_db:.1f} dB, mean |diff| {self.mean_abs_diff:.2e}, max |diff| {self.max_abs_diff:.2e}"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "size": list(self.size)}
+
+
+def compare_images(a: np.ndarray, b: np.ndarray, size: Size, steps: int) -> ImageParity:
+    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    mse = float(np.mean(diff**2))
+    # A NaN image is as far as it gets; identical images have no finite PSNR: report the float64 ceiling.
+    psnr = 0.0 if math.isnan(mse) else (10 * math.log10(1 / mse) if mse > 0 else 200.0)
+    return ImageParity(psnr, float(np.mean(diff)), float(np.max(diff)), size, steps)
+
+
+def image_parity(
+    folder: Path,
+    manifest: Manifest,
+    fp32: Mapping[str, Sequence[Engine]],
+    fp16: Mapping[str, Sequence[Engine]],
+    size: Size,
+) -> ImageParity:
+    """Renders one prompt through the server's own pipeline on both sets of engines, same seed and sampler."""
+    from diffuserve.server.models import TEXT_TO_IMAGE, served_model
+    from diffuserve.server.params import validate
+    from diffuserve.server.pipeline import render
+    from diffuserve.v1 import diffusion_pb2 as pb
+
+    def model(target: str, engines: Mapping[str, Sequence[Engine]]):
+        loaded = LoadedEngines(manifest, "cpu", target, {c: tuple(engines[c]) for c in TEXT_TO_IMAGE}, (), "")
+        return served_model(folder, loaded)
+
+    images = []
+    for served in (model(CPU_TARGET, fp32), model(CUDA_TARGET, fp16)):
+        request = pb.GenerateRequest(
+            prompt=IMAGE_PARITY_PROMPT, seeds=[0], steps=IMAGE_PARITY_STEPS, width=size[0], height=size[1]
+        )
+        images.append(render(served, validate(request, {served.name: served}, served.name)))
+    return compare_images(*images, size, IMAGE_PARITY_STEPS)

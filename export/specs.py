@@ -42,9 +42,11 @@ class ModelDims:
 def check_image_size(dims: ModelDims, height: int, width: int) -> None:
     """The U-Net halves the latents at each level, so the image must divide evenly all the way down."""
     multiple = dims.vae_downsample * dims.unet_downsample
-    for flag, value in (("--height", height), ("--width", width)):
+    for name, value in (("width", width), ("height", height)):
         if value <= 0 or value % multiple:
-            raise ValueError(f"{flag} must be a positive multiple of {multiple} for this model, got {value}")
+            raise ValueError(
+                f"--size {width}x{height}: {name} must be a positive multiple of {multiple} for this model"
+            )
 
 
 def component_specs(dims: ModelDims, height: int, width: int, batch: int) -> dict[str, ComponentSpec]:

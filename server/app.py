@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from diffuserve.engine.manifest import format_size
 from diffuserve.v1 import diffusion_pb2 as pb
 from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
@@ -59,18 +60,34 @@ class ServerConfig:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     # Seconds accepted requests get to finish after a stop signal.
     grace_s: float = 30.0
+    # diffuserve.engine.ort_cuda.CudaOptions for the cuda backend (None: its defaults).
+    cuda_options: Any = None
 
 
 def load_models(config: ServerConfig) -> dict[str, ServedModel]:
     models: dict[str, ServedModel] = {}
     for folder in config.model_dirs:
-        model = load_model(folder, config.backend, config.threads, config.defaults, config.overrides)
+        model = load_model(
+            folder, config.backend, config.threads, config.defaults, config.overrides, config.cuda_options
+        )
         if len(model.name) > MAX_MODEL_NAME_CHARS:
             raise ValueError(f"{folder}: model names have at most {MAX_MODEL_NAME_CHARS} characters")
         if model.name in models:
             raise ValueError(f"two model folders are both named {model.name!r}: {models[model.name].folder}, {folder}")
         models[model.name] = model
-        log.info("serving %s from %s on %s (%s)", model.name, folder, model.backend, ", ".join(model.providers))
+        log.info(
+            "serving %s from %s: backend %s (%s), target %s (%s), on %s, sizes %s, batches %s",
+            model.name,
+            folder,
+            model.backend,
+            model.loaded.reason,
+            model.target,
+            model.precision,
+            model.device,
+            ", ".join(format_size(size) for size in model.sizes),
+            list(model.batch_sizes),
+        )
+        log.info("%s: execution providers %s", model.name, ", ".join(model.providers))
     return models
 
 

@@ -8,6 +8,9 @@ import logging
 import sys
 from pathlib import Path
 
+from diffuserve.engine.manifest import TARGETS
+from diffuserve.engine.ort import BACKENDS
+
 from .app import ServerConfig
 from .models import BUNDLED_MODEL, ModelDefaults
 from .noise import NOISE_MODES
@@ -23,21 +26,68 @@ def cmd_export(args: argparse.Namespace) -> int:
     from diffuserve.export.exporter import ExportError, ExportOptions, export_model
     from diffuserve.export.parity import ParityError
 
-    options = ExportOptions(
-        height=args.height,
-        width=args.width,
-        batches=tuple(args.batch or [1]),
-        **({} if args.parity_tolerance is None else {"parity_tolerance": args.parity_tolerance}),
-        name=args.name,
-        default_steps=args.default_steps,
-        default_guidance_scale=args.default_guidance,
-    )
+    tolerances = {
+        "parity_tolerance": args.parity_tolerance,
+        "fp16_tolerance": args.fp16_tolerance,
+        "min_image_psnr": args.min_image_psnr,
+    }
     try:
+        options = ExportOptions(
+            sizes=export_sizes(args),
+            batches=tuple(args.batch or [1]),
+            targets=tuple(args.target or ["cpu"]),
+            fp32_ops=fp32_ops(args.fp32_ops),
+            **{key: value for key, value in tolerances.items() if value is not None},
+            name=args.name,
+            default_steps=args.default_steps,
+            default_guidance_scale=args.default_guidance,
+        )
         export_model(args.source, args.output, options, report=lambda line: print(line, file=sys.stderr, flush=True))
     except (ExportError, ParityError, ValueError) as e:
         print(f"export failed: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """WIDTHxHEIGHT, as AUTOMATIC1111's `Size:` writes it."""
+    width, sep, height = text.lower().partition("x")
+    if not sep or not width.isdigit() or not height.isdigit():
+        raise argparse.ArgumentTypeError(f"a size is WIDTHxHEIGHT, e.g. 768x512; got {text!r}")
+    return int(width), int(height)
+
+
+def export_sizes(args: argparse.Namespace) -> tuple[tuple[int, int], ...]:
+    """--size values, then --width/--height pairs (repeated together), else 512x512."""
+    widths, heights = args.width or [], args.height or []
+    if len(widths) != len(heights):
+        raise ValueError(f"--width and --height come in pairs; got {len(widths)} widths and {len(heights)} heights")
+    sizes = [*(args.size or []), *zip(widths, heights, strict=True)]
+    return tuple(sizes) or ((512, 512),)
+
+
+def fp32_ops(values: list[str] | None) -> dict[str, tuple[str, ...]]:
+    """COMPONENT=Op[,Op...] values of --fp32-ops."""
+    ops: dict[str, tuple[str, ...]] = {}
+    for value in values or []:
+        component, sep, names = value.partition("=")
+        if not sep or not names:
+            raise ValueError(f"--fp32-ops is COMPONENT=Op[,Op...], e.g. unet=Softmax; got {value!r}")
+        ops[component] = (*ops.get(component, ()), *(n.strip() for n in names.split(",") if n.strip()))
+    return ops
+
+
+def cuda_options(args: argparse.Namespace):
+    """The cuda backend's options from --device-id, --no-cuda-graph and KEY=VALUE --cuda-option values."""
+    from diffuserve.engine.ort_cuda import CudaOptions
+
+    extra = {}
+    for value in args.cuda_option or []:
+        key, sep, setting = value.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--cuda-option is KEY=VALUE (an ONNX Runtime CUDA provider option), got {value!r}")
+        extra[key] = setting
+    return CudaOptions(device_id=args.device_id, cuda_graph=not args.no_cuda_graph, extra=extra)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -54,6 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         threads=args.threads,
         defaults=defaults,
         grace_s=args.grace,
+        cuda_options=cuda_options(args),
         worker=WorkerConfig(
             queue_capacity=args.queue_capacity, batching=not args.no_batching, max_batch_wait_ms=args.max_batch_wait_ms
         ),
@@ -105,6 +156,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .tools.bench import BenchOptions, LoadOptions, run_bench, run_load
 
+    if args.memory:
+        from .tools.memory import memory_report
+
+        memory_report(args.model, args.backend, json_path=args.json)
+        return 0
     if args.faults:
         from .tools.robustness import FaultOptions, run_faults
 
@@ -119,7 +175,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         run_load(load, json_path=args.json)
         return 0
     options = BenchOptions(
-        model_dir=args.model, reference=args.reference, steps=args.steps, runs=args.runs, scheduler=args.scheduler
+        model_dir=args.model,
+        reference=args.reference,
+        steps=args.steps,
+        runs=args.runs,
+        scheduler=args.scheduler,
+        backend=args.backend,
+        cuda_options=cuda_options(args),
     )
     run_bench(options, json_path=args.json)
     return 0
@@ -152,6 +214,23 @@ def cmd_gallery(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_backend_arguments(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument(
+        "--backend",
+        choices=("auto", *BACKENDS),
+        default=default,
+        help="auto: cuda where onnxruntime-gpu really runs and the model has a cuda target, else cpu",
+    )
+    p.add_argument("--device-id", type=int, default=0, help="cuda: the GPU to run on")
+    p.add_argument("--no-cuda-graph", action="store_true", help="cuda: run the U-Net eagerly, without CUDA graphs")
+    p.add_argument(
+        "--cuda-option",
+        action="append",
+        metavar="KEY=VALUE",
+        help="cuda: an ONNX Runtime CUDA provider option over diffuserve's choice, e.g. prefer_nhwc=1; repeatable",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffuserve", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -160,16 +239,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="diffusers folder -> ONNX + manifest")
     p.add_argument("source", help="a local diffusers model folder (model_index.json, unet/, vae/, ...)")
     p.add_argument("-o", "--output", required=True, help="the folder to write")
-    p.add_argument("--height", type=int, default=512)
-    p.add_argument("--width", type=int, default=512)
+    p.add_argument(
+        "--size",
+        type=parse_size,
+        action="append",
+        metavar="WxH",
+        help="an image size to serve, width x height; repeat for several, the first is the default (512x512)",
+    )
+    p.add_argument("--width", type=int, action="append", help="with --height: a size as a pair; repeatable")
+    p.add_argument("--height", type=int, action="append", help="with --width: a size as a pair; repeatable")
     p.add_argument(
         "--batch",
         type=int,
         action="append",
-        help="images per engine call (the U-Net runs at twice this); repeat for several sizes (default: 1)",
+        help="images per engine call (the U-Net runs at twice this); repeat for several batch sizes (default: 1)",
+    )
+    p.add_argument(
+        "--target",
+        choices=TARGETS,
+        action="append",
+        help="graphs to build: cpu (fp32) and/or cuda (fp16, fused for ONNX Runtime's CUDA provider); default cpu",
+    )
+    p.add_argument(
+        "--fp32-ops",
+        action="append",
+        metavar="COMPONENT=OP[,OP]",
+        help="op types to keep in float32 in fp16 graphs, e.g. unet=Softmax; repeatable",
     )
     p.add_argument("--name", help="model name to serve it under (default: the source folder's name)")
     p.add_argument("--parity-tolerance", type=float, help="allowed |torch - onnx| / output magnitude (default 1e-3)")
+    p.add_argument("--fp16-tolerance", type=float, help="the same for fp16 targets (default 2e-2)")
+    p.add_argument(
+        "--min-image-psnr", type=float, help="least PSNR of an fp16 target's image against fp32's (default 30 dB)"
+    )
     p.add_argument("--default-steps", type=int, help="steps the model is meant to run with (recorded in the manifest)")
     p.add_argument("--default-guidance", type=float, help="its guidance scale (recorded in the manifest)")
     p.set_defaults(func=cmd_export)
@@ -178,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="*", help="folders made by 'diffuserve export' (default: the bundled model)")
     p.add_argument("--host", default="[::]")
     p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--backend", choices=("auto", "cpu", "cuda"), default="auto")
+    add_backend_arguments(p, default="auto")
     p.add_argument("--threads", type=int, help="intra-op threads per engine (default: the cores available)")
     p.add_argument("--default-steps", type=int, help="steps for requests that leave them unset (default: the model's)")
     p.add_argument("--default-guidance", type=float, help="guidance for requests that leave it unset (the model's)")
@@ -248,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead: N hostile and malformed requests, each answer checked against the API's contract",
     )
     p.add_argument("--seed", type=int, default=0, help="with --fuzz: the seed of the cases")
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="instead: resident memory serving every exported batch size against the smallest alone",
+    )
+    add_backend_arguments(p, default="cpu")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="serve the bundled model on a loopback port and draw one prompt over gRPC")

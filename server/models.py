@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from diffuserve.engine.base import Engine
-from diffuserve.engine.loader import load_engines
-from diffuserve.engine.manifest import MANIFEST_NAME, TEXT_ENCODER, UNET, VAE_DECODER, Manifest
+from diffuserve.engine.loader import LoadedEngines, load_engines
+from diffuserve.engine.manifest import MANIFEST_NAME, TEXT_ENCODER, UNET, VAE_DECODER, Manifest, Size
 
 from .schedulers import SchedulerConfig, available_samplers, default_sampler_name
 from .tokenizer import ClipTokenizer
@@ -41,14 +41,16 @@ class ModelDefaults:
 class ServedModel:
     name: str
     folder: Path
-    manifest: Manifest
-    # One engine per exported batch size, ascending.
-    engines: dict[str, tuple[Engine, ...]]
+    loaded: LoadedEngines
     tokenizer: ClipTokenizer
     scheduler_config: SchedulerConfig
     defaults: ModelDefaults
     # The samplers that can run this model's scheduler config, found once at load.
     schedulers: tuple[str, ...]
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.loaded.manifest
 
     @property
     def default_scheduler(self) -> str:
@@ -62,12 +64,36 @@ class ServedModel:
         return self.manifest.batch_sizes
 
     @property
+    def sizes(self) -> tuple[Size, ...]:
+        return self.manifest.sizes
+
+    @property
     def backend(self) -> str:
-        return self.engines[UNET][0].backend
+        return self.loaded.backend
+
+    @property
+    def target(self) -> str:
+        return self.loaded.target
+
+    @property
+    def precision(self) -> str:
+        return self.manifest.targets[self.target].precision
 
     @property
     def providers(self) -> list[str]:
-        return list(getattr(self.engines[UNET][0], "providers", [self.backend]))
+        return list(self.loaded.providers)
+
+    @property
+    def device(self) -> str:
+        return self.loaded.device
+
+    def engines(self, component: str, size: Size | None = None) -> tuple[Engine, ...]:
+        """The component's engines, one per batch size, at one image size (all of them if it has no image size)."""
+        engines = self.loaded.engines[component]
+        if size is None:
+            return engines
+        graph = self.manifest.targets[self.target].components[component]
+        return tuple(e for e, shape in zip(engines, graph.shapes, strict=True) if shape.size in (None, tuple(size)))
 
 
 def load_model(
@@ -76,15 +102,26 @@ def load_model(
     threads: int | None = None,
     defaults: ModelDefaults | None = None,
     overrides: Mapping[str, Any] | None = None,
+    cuda_options=None,
 ) -> ServedModel:
-    """Request defaults: the server's, then the model's own from its manifest, then the operator's overrides."""
     folder = Path(folder)
     if folder.resolve() == BUNDLED_MODEL and not (folder / MANIFEST_NAME).is_file():
         raise FileNotFoundError(
             f"the bundled model is not built at {BUNDLED_MODEL}: in a source checkout, run `make bundle` "
             "(it exports models/shapes-sd, which needs diffuserve[export]); installed wheels carry it built"
         )
-    manifest, engines = load_engines(folder, TEXT_TO_IMAGE, backend, threads)
+    loaded = load_engines(folder, TEXT_TO_IMAGE, backend, threads, cuda_options)
+    return served_model(folder, loaded, defaults, overrides)
+
+
+def served_model(
+    folder: Path,
+    loaded: LoadedEngines,
+    defaults: ModelDefaults | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> ServedModel:
+    """Request defaults: the server's, then the model's own from its manifest, then the operator's overrides."""
+    manifest = loaded.manifest
     defaults = replace(defaults or ModelDefaults(), **manifest.defaults, **(overrides or {}))
     scheduler_config = SchedulerConfig.from_file(folder / "scheduler" / "scheduler_config.json")
     reasons = available_samplers(scheduler_config)
@@ -96,8 +133,7 @@ def load_model(
     return ServedModel(
         name=manifest.name,
         folder=folder,
-        manifest=manifest,
-        engines=engines,
+        loaded=loaded,
         tokenizer=ClipTokenizer.from_folder(folder / "tokenizer"),
         scheduler_config=scheduler_config,
         defaults=defaults,

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from diffuserve.engine.manifest import format_size
 from diffuserve.v1 import diffusion_pb2 as pb
 
 from .models import ServedModel
@@ -61,6 +62,11 @@ class GenerateParams:
     @property
     def num_images(self) -> int:
         return len(self.seeds)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height), as the manifest keys its shapes."""
+        return (self.width, self.height)
 
     @property
     def uses_guidance(self) -> bool:
@@ -144,15 +150,16 @@ def validate(request: pb.GenerateRequest, models: Mapping[str, ServedModel], def
         f"request_id: at most {MAX_REQUEST_ID_CHARS} printable characters",
     )
 
-    manifest = model.manifest
-    width = request.width or manifest.width
-    height = request.height or manifest.height
-    for field, value, served in (("width", width, manifest.width), ("height", height, manifest.height)):
-        check(
-            value == served,
-            f"{field}: model {model.name!r} is built for {manifest.width}x{manifest.height} (static shapes), "
-            f"so {field} must be {served} or 0, got {value}",
-        )
+    default_width, default_height = model.sizes[0]
+    width = request.width or default_width
+    height = request.height or default_height
+    # Name the field that no served size has; the height when the width alone would do.
+    field = "height" if width in {w for w, _ in model.sizes} else "width"
+    check(
+        (width, height) in model.sizes,
+        f"{field}: model {model.name!r} serves the sizes {', '.join(format_size(s) for s in model.sizes)} "
+        f"(width x height, static shapes; 0 takes {format_size(model.sizes[0])}), got {width}x{height}",
+    )
 
     num_images = request.num_images or max(1, len(request.seeds))
     check(

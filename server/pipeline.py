@@ -21,6 +21,7 @@ from diffuserve.engine.manifest import (
     TIMESTEP,
     UNET,
     VAE_DECODER,
+    Size,
 )
 
 from .images import encode_image
@@ -97,7 +98,7 @@ class RowRunner:
 # 1. Tokenize and 2. encode the prompt and the negative prompt.
 def encode_prompts(model: ServedModel, prompts: Sequence[str]) -> np.ndarray:
     """[len(prompts), seq, hidden] text embeddings."""
-    engines = model.engines[TEXT_ENCODER]
+    engines = model.engines(TEXT_ENCODER)
     (ids_spec,) = engines[0].spec.inputs
     ids = model.tokenizer.encode(prompts).astype(ids_spec.np_dtype)
     return RowRunner(engines, len(prompts))({INPUT_IDS: ids})[LAST_HIDDEN_STATE]
@@ -159,8 +160,9 @@ class UNetRows:
             uncond = np.concatenate([np.repeat(c[0:1], k, 0) for c, k in zip(context, counts, strict=True)])
             cond = np.concatenate([uncond, cond])
         self.n, self.guided = n, guided
-        self.runner = RowRunner(model.engines[UNET], len(cond), {ENCODER_HIDDEN_STATES: cond})
-        self.sample = np.empty((len(cond), *model.manifest.latent_shape), np.float32)
+        size = members[0].params.size
+        self.runner = RowRunner(model.engines(UNET, size), len(cond), {ENCODER_HIDDEN_STATES: cond})
+        self.sample = np.empty((len(cond), *model.manifest.latent_shape(size)), np.float32)
         self.timestep = np.empty(len(cond), np.float32)
         # Per image, so requests with different scales share a call; shaped to broadcast over [n, C, h, w].
         scales = [np.full(k, m.params.guidance_scale, np.float32) for m, k in zip(members, counts, strict=True)]
@@ -191,6 +193,7 @@ def denoise(
     and gets None. Noise the sampler asks for comes from each image's own generator."""
     sampler = get_sampler(plan.sampler)
     guided = members[0].params.uses_guidance
+    latent_shape = model.manifest.latent_shape(members[0].params.size)
     final: list[np.ndarray | None] = [None] * len(members)
     active = list(range(len(members)))
     x, state = np.concatenate(latents), INITIAL_STATE
@@ -210,7 +213,7 @@ def denoise(
         unet_ms = _ms_since(start)
         noise = None
         if plan.noise_calls[index]:
-            noise = draw_noise([g for i in active for g in generators[i]], model.manifest.latent_shape)
+            noise = draw_noise([g for i in active for g in generators[i]], latent_shape)
         x, state = sampler.step(plan, index, x, model_output, state, noise)
         step_ms = _ms_since(start)
         for i, (a, b) in zip(active, bounds, strict=True):
@@ -222,10 +225,10 @@ def denoise(
 
 
 # 5. VAE decode to pixels in 0..1, channels last.
-def decode_latents(model: ServedModel, latents: np.ndarray) -> np.ndarray:
+def decode_latents(model: ServedModel, latents: np.ndarray, size: Size) -> np.ndarray:
     manifest = model.manifest
     scaled = latents / np.float32(manifest.vae_scaling_factor) + np.float32(manifest.vae_shift_factor)
-    decoded = RowRunner(model.engines[VAE_DECODER], len(latents))({LATENT_SAMPLE: scaled})[SAMPLE]
+    decoded = RowRunner(model.engines(VAE_DECODER, size), len(latents))({LATENT_SAMPLE: scaled})[SAMPLE]
     return np.clip(decoded / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
 
 
@@ -257,8 +260,9 @@ def image_metadata(params: GenerateParams, seed: int) -> dict[str, str]:
 
 
 def render_members(model: ServedModel, members: Sequence[Member]) -> list[np.ndarray | None]:
-    """Steps 1-5 for a batch of compatible requests: each member's float images [n, H, W, 3] in 0..1, or None
-    for a member that stopped early. Shared engine calls count in full towards every member's times."""
+    """Steps 1-5 for a batch of compatible requests (same size, steps, sampler: the worker's batch key): each
+    member's float images [n, H, W, 3] in 0..1, or None for a member that stopped early. Shared engine calls count in
+    full towards every member's times."""
     first = members[0].params
     plan = make_plan(first.scheduler, model.scheduler_config, first.steps)
 
@@ -269,7 +273,8 @@ def render_members(model: ServedModel, members: Sequence[Member]) -> list[np.nda
 
     start = time.perf_counter()
     generators = [image_generators(m.params) for m in members]
-    latents = [initial_latents(g, model.manifest.latent_shape, plan.init_noise_sigma) for g in generators]
+    latent_shape = model.manifest.latent_shape(first.size)
+    latents = [initial_latents(g, latent_shape, plan.init_noise_sigma) for g in generators]
     final = denoise(model, members, plan, latents, context, generators)
     _record(members, "denoise_ms", start)
 
@@ -277,7 +282,7 @@ def render_members(model: ServedModel, members: Sequence[Member]) -> list[np.nda
     if not done:
         return final
     start = time.perf_counter()
-    pixels = decode_latents(model, np.concatenate([final[i] for i in done]))
+    pixels = decode_latents(model, np.concatenate([final[i] for i in done]), first.size)
     _record([members[i] for i in done], "vae_decode_ms", start)
     for i, (a, b) in zip(done, row_bounds([members[i].params.num_images for i in done]), strict=True):
         final[i] = pixels[a:b]

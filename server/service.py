@@ -130,6 +130,9 @@ class DiffusionService(pb_grpc.DiffusionServiceServicer):
             version=package_version("diffuserve"),
             backend=first.backend,
             providers=first.providers,
+            device=first.device,
+            target=first.target,
+            backend_reason=first.loaded.reason,
             default_model=self.default_model,
             models=list(self.models),
             runtime_versions={
@@ -199,7 +202,7 @@ def event_proto(request_id: str, job: Job, event: Event) -> pb.GenerateEvent:
     if isinstance(event, Queued):
         return pb.GenerateEvent(request_id=request_id, queued=pb.Queued(position=event.position, depth=event.depth))
     if isinstance(event, Progress):
-        shape = job.model.manifest.latent_shape
+        shape = job.model.manifest.latent_shape(job.params.size)
         previews = [
             pb.Image(
                 data=data, mime_type="image/png", seed=job.params.seeds[i], width=shape[2], height=shape[1], index=i
@@ -247,8 +250,9 @@ def model_info(model: ServedModel) -> pb.ModelInfo:
         name=model.name,
         family=manifest.family,
         prediction_type=model.scheduler_config.prediction_type,
-        width=manifest.width,
-        height=manifest.height,
+        width=model.sizes[0][0],
+        height=model.sizes[0][1],
+        sizes=[pb.ImageSize(width=w, height=h) for w, h in model.sizes],
         batch_size=max(model.batch_sizes),
         batch_sizes=model.batch_sizes,
         schedulers=[scheduler_enum(s) for s in model.schedulers],
@@ -258,5 +262,6 @@ def model_info(model: ServedModel) -> pb.ModelInfo:
         max_steps=model.defaults.max_steps,
         max_images=model.defaults.max_images,
         backend=model.backend,
-        precision=manifest.precision,
+        precision=model.precision,
+        target=model.target,
     )

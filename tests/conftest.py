@@ -14,6 +14,8 @@ from diffuserve.server.models import ServedModel, load_model
 from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
 TINY_SIZE = 128
+# A second, non-square size (width x height): several sizes served from one graph per component.
+TINY_SIZES = ((TINY_SIZE, TINY_SIZE), (192, TINY_SIZE))
 TINY_NAME = "tiny-sd"
 
 
@@ -26,7 +28,16 @@ def tiny_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_export(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("exported") / TINY_NAME
     # Two batch sizes, so batching and the choice of the smallest engine that fits are exercised.
-    export_model(tiny_source, out, ExportOptions(height=TINY_SIZE, width=TINY_SIZE, batches=(1, 2), name=TINY_NAME))
+    export_model(tiny_source, out, ExportOptions(sizes=TINY_SIZES, batches=(1, 2), name=TINY_NAME))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_cuda_export(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Both targets; without a GPU the cuda target's gate runs its fp16 graphs before fusion on the CPU."""
+    out = tmp_path_factory.mktemp("exported") / f"{TINY_NAME}-cuda"
+    options = ExportOptions(sizes=TINY_SIZES[:1], batches=(1, 2), targets=("cpu", "cuda"), name=TINY_NAME)
+    export_model(tiny_source, out, options)
     return out
 
 

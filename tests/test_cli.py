@@ -34,3 +34,34 @@ def test_generate_reports_a_refused_request(server, tmp_path: Path, capsys) -> N
     assert main(args) == 1
     assert "INVALID_ARGUMENT: steps: must be in 1..150, got 999" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_export_sizes_come_as_width_x_height_or_as_pairs() -> None:
+    from diffuserve.server.cli import build_parser, export_sizes
+
+    args = build_parser().parse_args(["export", "src", "-o", "out", "--size", "768x512", "--width", "512"])
+    with pytest.raises(ValueError, match="--width and --height come in pairs"):
+        export_sizes(args)
+    args = build_parser().parse_args(
+        ["export", "src", "-o", "out", "--size", "768x512", "--width", "512", "--height", "640"]
+    )
+    assert export_sizes(args) == ((768, 512), (512, 640))
+    assert export_sizes(build_parser().parse_args(["export", "src", "-o", "out"])) == ((512, 512),)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["export", "src", "-o", "out", "--size", "512"])
+
+
+def test_export_fp32_ops_are_per_component_lists() -> None:
+    from diffuserve.server.cli import fp32_ops
+
+    assert fp32_ops(["unet=Softmax,LayerNormalization", "unet=Gemm", "vae_decoder=Resize"]) == {
+        "unet": ("Softmax", "LayerNormalization", "Gemm"),
+        "vae_decoder": ("Resize",),
+    }
+    with pytest.raises(ValueError, match="COMPONENT=Op"):
+        fp32_ops(["Softmax"])
+
+
+def test_an_export_that_cannot_start_says_why(tmp_path: Path, capsys) -> None:
+    assert main(["export", str(tmp_path), "-o", str(tmp_path / "out"), "--fp32-ops", "unett=Softmax"]) == 1
+    assert "export failed: --fp32-ops: unknown component 'unett'" in capsys.readouterr().err

@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 
 from diffuserve.engine.base import EngineInputError
+from diffuserve.engine.loader import load_engines
 from diffuserve.engine.manifest import Manifest
-from diffuserve.engine.ort import BackendUnavailableError, OrtEngine, resolve_backend
+from diffuserve.engine.ort import BackendUnavailableError, OrtEngine, load_cpu_engines
+from diffuserve.server.models import TEXT_TO_IMAGE
 
 
 @pytest.fixture(scope="module")
 def vae_decoder(tiny_export: Path) -> OrtEngine:
-    record = Manifest.load(tiny_export).record("vae_decoder")
-    return OrtEngine(record.spec, tiny_export / record.onnx_file, "cpu")
+    graph = Manifest.load(tiny_export).targets["cpu"].components["vae_decoder"]
+    return load_cpu_engines(tiny_export / graph.graph_file, [graph.shapes[0].spec])[0]
 
 
 def test_engine_runs_named_static_feeds(vae_decoder: OrtEngine) -> None:
@@ -44,20 +46,42 @@ def test_bad_feeds_are_refused_naming_name_shape_and_dtype(vae_decoder: OrtEngin
         vae_decoder.run(feeds)
 
 
-def test_cuda_requested_without_a_working_cuda_is_an_error(tiny_export: Path) -> None:
-    # This machine has no GPU: ORT would quietly run on the CPU; the engine must refuse instead.
-    record = Manifest.load(tiny_export).record("vae_decoder")
-    with pytest.raises(BackendUnavailableError, match="CUDAExecutionProvider"):
-        OrtEngine(record.spec, tiny_export / record.onnx_file, "cuda")
-
-
-def test_auto_backend_resolves_to_cpu_without_cuda() -> None:
+def cuda_really_runs() -> bool:
     import onnxruntime
 
-    expected = "cuda" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "cpu"
-    assert resolve_backend("auto") == expected
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers() and Path("/dev/nvidiactl").exists()
+
+
+@pytest.mark.skipif(cuda_really_runs(), reason="this machine has a working CUDA")
+def test_cuda_asked_for_without_a_working_cuda_fails_at_startup_naming_what_is_missing(
+    tiny_cuda_export: Path,
+) -> None:
+    # No GPU here: ORT would quietly run on the CPU; loading must refuse instead and say what to install.
+    with pytest.raises(BackendUnavailableError, match=r"CUDAExecutionProvider.*diffuserve\[cuda\]"):
+        load_engines(tiny_cuda_export, TEXT_TO_IMAGE, "cuda")
+
+
+def test_a_folder_without_the_backends_target_is_refused_naming_the_flag(tiny_export: Path) -> None:
+    with pytest.raises(ValueError, match=r"no 'cuda' target \(it has \['cpu'\]\): export it again with --target cuda"):
+        load_engines(tiny_export, TEXT_TO_IMAGE, "cuda")
+
+
+def test_auto_takes_the_cpu_without_a_working_cuda_and_says_why(tiny_cuda_export: Path) -> None:
+    if cuda_really_runs():
+        pytest.skip("this machine has a working CUDA")
+    loaded = load_engines(tiny_cuda_export, TEXT_TO_IMAGE, "auto")
+    assert (loaded.backend, loaded.target, loaded.providers) == ("cpu", "cpu", ("CPUExecutionProvider",))
+    assert loaded.reason and loaded.device
     with pytest.raises(ValueError, match="backend must be one of"):
-        resolve_backend("tpu")
+        load_engines(tiny_cuda_export, TEXT_TO_IMAGE, "tpu")
+
+
+def test_every_shape_of_a_component_shares_one_copy_of_the_weights(tiny_export: Path) -> None:
+    loaded = load_engines(tiny_export, TEXT_TO_IMAGE, "cpu")
+    for name, engines in loaded.engines.items():
+        assert len(engines) == len(loaded.manifest.targets["cpu"].components[name].shapes) > 1
+        assert len({id(engine.weights) for engine in engines}) == 1, name
+        assert len({engine.spec for engine in engines}) == len(engines), name
 
 
 def test_runtime_does_not_import_the_export_stack(tiny_export: Path) -> None:

@@ -11,58 +11,66 @@ import onnx
 import pytest
 import torch
 
-from diffuserve.engine.manifest import COMPONENTS, Manifest
-from diffuserve.engine.ort import OrtEngine
+from diffuserve.engine.manifest import COMPONENTS, SYMBOLIC_AXES, Manifest
+from diffuserve.engine.ort import load_cpu_engines
 from diffuserve.export.exporter import ExportError, ExportOptions, export_model
 from diffuserve.export.parity import ParityError, check_parity, random_feeds
 from diffuserve.export.specs import ModelDims, component_specs
 from diffuserve.export.wrappers import UNet
 
+from .conftest import TINY_SIZES
+
 
 def test_manifest_records_every_component_with_parity_and_versions(tiny_export: Path) -> None:
     manifest = Manifest.load(tiny_export)
-    assert set(manifest.components) == set(COMPONENTS)
-    assert (manifest.height, manifest.width, manifest.batch_sizes) == (128, 128, (1, 2))
-    assert manifest.latent_shape == (4, 16, 16)
+    assert set(manifest.targets) == {"cpu"}
+    cpu = manifest.targets["cpu"]
+    assert (cpu.precision, set(cpu.components)) == ("fp32", set(COMPONENTS))
+    assert (manifest.sizes, manifest.batch_sizes) == (TINY_SIZES, (1, 2))
+    assert manifest.latent_shape((192, 128)) == (4, 16, 24)
     assert manifest.vae_scaling_factor == pytest.approx(0.18215)
-    for record in (r for records in manifest.components.values() for r in records):
-        assert record.parity["max_abs_diff"] <= record.parity["tolerance"] * record.parity["reference_scale"]
-        assert (tiny_export / record.onnx_file).is_file()
+    for graph in cpu.components.values():
+        assert (tiny_export / graph.graph_file).is_file()
+        for shape in graph.shapes:
+            assert shape.parity["max_abs_diff"] <= shape.parity["tolerance"] * shape.parity["reference_scale"]
     assert {"torch", "diffusers", "onnxruntime", "onnx"} <= set(manifest.versions)
     assert len(manifest.source["sha256"]) == 64
     assert (tiny_export / "tokenizer" / "tokenizer.json").is_file()
     assert (tiny_export / "scheduler" / "scheduler_config.json").is_file()
 
 
-def test_unet_runs_at_twice_the_batch_for_guidance(tiny_export: Path) -> None:
-    manifest = Manifest.load(tiny_export)
+def test_every_batch_and_size_is_a_shape_of_one_graph(tiny_export: Path) -> None:
+    cpu = Manifest.load(tiny_export).targets["cpu"]
+    shapes = {name: [(s.batch, s.size) for s in graph.shapes] for name, graph in cpu.components.items()}
+    assert shapes["text_encoder"] == [(1, None), (2, None)]  # text does not depend on the image size
+    for name in ("unet", "vae_decoder", "vae_encoder"):
+        assert sorted(shapes[name]) == sorted((b, s) for b in (1, 2) for s in TINY_SIZES), name
     for batch in (1, 2):
-        assert [t.shape[0] for t in manifest.record("unet", batch).spec.inputs] == [2 * batch] * 3
-        assert manifest.record("vae_decoder", batch).spec.batch_size == batch
-    unet = manifest.record("unet").spec
-    assert unet.inputs[1].dtype == "float32"  # fractional Euler timesteps must survive
+        assert [t.shape[0] for t in cpu.record("unet", batch).spec.inputs] == [2 * batch] * 3
+        assert cpu.record("vae_decoder", batch, (192, 128)).spec.inputs[0].shape == (batch, 4, 16, 24)
+    assert cpu.record("unet").spec.inputs[1].dtype == "float32"  # fractional Euler timesteps must survive
 
 
-@pytest.mark.parametrize("component", COMPONENTS)
-def test_batch_sizes_share_one_copy_of_the_weights(tiny_export: Path, component: str) -> None:
-    folder = tiny_export / component
-    weights = (folder / "model_b1.onnx.data").stat().st_size
-    own = folder / "model_b2.onnx.data"  # only constants folded for batch 2 may live here
-    assert not own.exists() or own.stat().st_size < 0.1 * weights
+def test_each_component_has_one_graph_with_its_weights_once(tiny_export: Path) -> None:
+    files = sorted(p.name for p in (tiny_export / "cpu").iterdir())
+    assert files == sorted(f"{c}.onnx{suffix}" for c in COMPONENTS for suffix in ("", ".data"))
+    assert not list(tiny_export.glob(".export-*")), "the scratch folder is removed"
 
 
-def test_onnx_graph_names_and_shapes_match_the_spec(tiny_export: Path) -> None:
-    manifest = Manifest.load(tiny_export)
-    for name, record in ((name, r) for name, records in manifest.components.items() for r in records):
-        graph = onnx.load(tiny_export / record.onnx_file, load_external_data=False).graph
+def test_onnx_graph_names_match_the_spec_and_dims_are_symbolic(tiny_export: Path) -> None:
+    cpu = Manifest.load(tiny_export).targets["cpu"]
+    for name, component in cpu.components.items():
+        graph = onnx.load(tiny_export / component.graph_file, load_external_data=False).graph
 
-        def shapes(values):
-            return {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
+        def dims(values):
+            return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values}
 
-        expected_inputs = {t.name: list(t.shape) for t in record.spec.inputs}
-        expected_outputs = {t.name: list(t.shape) for t in record.spec.outputs}
-        assert shapes(graph.input) == expected_inputs, name
-        assert shapes(graph.output) == expected_outputs, name
+        spec = component.shapes[0].spec
+        expected = {
+            t.name: [SYMBOLIC_AXES[name].get(t.name, {}).get(axis, n) for axis, n in enumerate(t.shape)]
+            for t in (*spec.inputs, *spec.outputs)
+        }
+        assert dims(graph.input) | dims(graph.output) == expected, name
 
 
 def test_pickle_only_weights_are_refused(tiny_source: Path, tmp_path: Path) -> None:
@@ -71,7 +79,7 @@ def test_pickle_only_weights_are_refused(tiny_source: Path, tmp_path: Path) -> N
     for weights in (src / "unet").glob("*.safetensors"):
         weights.rename(weights.with_name("diffusion_pytorch_model.bin"))
     with pytest.raises(ExportError, match=r"unet.*only pickle weights \(diffusion_pytorch_model.bin\).*safetensors"):
-        export_model(src, tmp_path / "out", ExportOptions(height=128, width=128))
+        export_model(src, tmp_path / "out", ExportOptions(sizes=((128, 128),)))
 
 
 def test_folder_without_model_index_is_refused(tmp_path: Path) -> None:
@@ -81,7 +89,7 @@ def test_folder_without_model_index_is_refused(tmp_path: Path) -> None:
 
 def test_size_not_divisible_by_the_models_downsampling_is_refused() -> None:
     dims = ModelDims(77, 32, 1000, 4, 4, 32, 3, 8, 2, 1000)
-    with pytest.raises(ValueError, match="--height must be a positive multiple of 16 for this model, got 100"):
+    with pytest.raises(ValueError, match="--size 128x100: height must be a positive multiple of 16 for this model"):
         component_specs(dims, 100, 128, 1)
 
 
@@ -100,8 +108,9 @@ def test_parity_gate_measures_drift_against_pytorch(tiny_source: Path, tiny_expo
     from diffusers import UNet2DConditionModel
 
     manifest = Manifest.load(tiny_export)
-    record = manifest.record("unet")
-    engine = OrtEngine(record.spec, tiny_export / record.onnx_file, "cpu")
+    graph = manifest.targets["cpu"].components["unet"]
+    record = graph.shapes[0]
+    (engine,) = load_cpu_engines(tiny_export / graph.graph_file, [record.spec])
     unet = UNet(UNet2DConditionModel.from_pretrained(tiny_source / "unet")).eval()
     feeds = random_feeds(record.spec, vocab_size=1000, num_train_timesteps=1000)
     assert check_parity(unet, engine, feeds).passed
@@ -112,9 +121,9 @@ def test_parity_gate_measures_drift_against_pytorch(tiny_source: Path, tiny_expo
 
 def test_export_fails_naming_the_component_over_tolerance(tiny_source: Path, tmp_path: Path) -> None:
     # A tolerance no real export meets: the first component must fail the gate with its figures.
-    expected = r"text_encoder \(batch 1\): ONNX Runtime differs from PyTorch by \S+, over the allowed"
+    expected = r"cpu/text_encoder batch 1: ONNX Runtime differs from PyTorch by \S+, over the allowed"
     with pytest.raises(ParityError, match=expected):
-        export_model(tiny_source, tmp_path / "out", ExportOptions(height=128, width=128, parity_tolerance=1e-30))
+        export_model(tiny_source, tmp_path / "out", ExportOptions(sizes=((128, 128),), parity_tolerance=1e-30))
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
@@ -134,6 +143,6 @@ def test_manifest_round_trips_and_rejects_other_format_versions(tiny_export: Pat
 
 
 def test_random_feeds_follow_the_spec(tiny_export: Path) -> None:
-    spec = Manifest.load(tiny_export).record("text_encoder").spec
+    spec = Manifest.load(tiny_export).targets["cpu"].record("text_encoder").spec
     feeds = random_feeds(spec, vocab_size=1000, num_train_timesteps=1000)
     assert feeds["input_ids"].dtype == np.int32 and feeds["input_ids"].max() < 1000

@@ -32,14 +32,16 @@ def params_for(
     guidance: float = GUIDANCE,
     noise_mode: str = "torch_cpu",
     steps: int = STEPS,
+    size: tuple[int, int] | None = None,
 ) -> GenerateParams:
+    size = size or model.sizes[0]
     return GenerateParams(
         model=model.name,
         request_id="parity",
         prompt=PROMPT,
         negative_prompt=NEGATIVE,
-        width=model.manifest.width,
-        height=model.manifest.height,
+        width=size[0],
+        height=size[1],
         seeds=seeds,
         steps=steps,
         guidance_scale=guidance,
@@ -57,7 +59,7 @@ def diffusers_images(source: Path, model: ServedModel, params: GenerateParams) -
     pipe = load_reference_pipeline(source, params.scheduler)
     latents = None
     if params.noise_mode != "torch_cpu":
-        latents = draw_noise(image_generators(params), model.manifest.latent_shape)
+        latents = draw_noise(image_generators(params), model.manifest.latent_shape(params.size))
     size = (params.height, params.width)
     return reference_images(
         pipe, params.prompt, params.negative_prompt, params.seeds, size, params.steps, params.guidance_scale, latents
@@ -75,6 +77,15 @@ def test_every_sampler_gives_diffusers_image_for_the_same_seeds(
     assert np.abs(ours - reference).max() <= TOLERANCE
     # Random weights still draw structure: the comparison is not between two flat images.
     assert reference.std() > 0.01
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m"])
+def test_every_exported_size_gives_diffusers_image(tiny_source: Path, tiny_model: ServedModel, scheduler: str) -> None:
+    (size,) = [s for s in tiny_model.sizes if s[0] != s[1]]  # the non-square one: width and height not swapped
+    params = params_for(tiny_model, scheduler, seeds=(5, 6), steps=8, size=size)
+    ours = render(tiny_model, params)
+    assert ours.shape == (2, size[1], size[0], 3)
+    assert np.abs(ours - diffusers_images(tiny_source, tiny_model, params)).max() <= TOLERANCE
 
 
 @pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpmpp_2m"])

@@ -27,6 +27,8 @@ def test_list_models_describes_the_served_model(stub) -> None:
     (model,) = stub.ListModels(pb.ListModelsRequest()).models
     assert (model.name, model.width, model.height, model.batch_size) == ("tiny-sd", 128, 128, 2)
     assert list(model.batch_sizes) == [1, 2]
+    assert [(s.width, s.height) for s in model.sizes] == [(128, 128), (192, 128)]
+    assert (model.target, model.precision) == ("cpu", "fp32")
     # Every sampler runs the SD 1.x scheduler config of the tiny model, whose own class is PNDM.
     assert set(model.schedulers) == set(pb.Scheduler.values()) - {pb.SCHEDULER_UNSPECIFIED}
     assert model.default_scheduler == pb.SCHEDULER_PNDM
@@ -58,6 +60,7 @@ def test_server_info_reports_the_backend_really_running(stub) -> None:
     info = stub.GetServerInfo(pb.GetServerInfoRequest())
     assert info.backend == "cpu"
     assert list(info.providers) == ["CPUExecutionProvider"]
+    assert info.target == "cpu" and info.device and info.backend_reason
     assert info.default_model == "tiny-sd" and list(info.models) == ["tiny-sd"]
     assert "onnxruntime" in info.runtime_versions
     assert info.default_noise_mode == pb.NOISE_MODE_TORCH_CPU
@@ -135,8 +138,9 @@ BAD_REQUESTS = [
     ({"prompt": ""}, grpc.StatusCode.INVALID_ARGUMENT, "prompt: must not be empty"),
     ({"prompt": "   "}, grpc.StatusCode.INVALID_ARGUMENT, "prompt: must not be empty"),
     ({"prompt": "x" * 10_001}, grpc.StatusCode.INVALID_ARGUMENT, "prompt: at most 10000 characters"),
-    ({"width": 96}, grpc.StatusCode.INVALID_ARGUMENT, "width: model 'tiny-sd' is built for 128x128"),
-    ({"height": 256}, grpc.StatusCode.INVALID_ARGUMENT, "height: .* must be 128 or 0, got 256"),
+    ({"width": 96}, grpc.StatusCode.INVALID_ARGUMENT, r"width: model 'tiny-sd' serves the sizes 128x128, 192x128 "),
+    ({"width": 192, "height": 192}, grpc.StatusCode.INVALID_ARGUMENT, r"height: .* got 192x192"),
+    ({"height": 256}, grpc.StatusCode.INVALID_ARGUMENT, r"height: .* got 128x256"),
     ({"width": -128}, grpc.StatusCode.INVALID_ARGUMENT, "width: .*got -128"),
     ({"steps": 151}, grpc.StatusCode.INVALID_ARGUMENT, r"steps: must be in 1\.\.150, got 151"),
     ({"steps": -1}, grpc.StatusCode.INVALID_ARGUMENT, r"steps: must be in 1\.\.150, got -1"),

@@ -132,6 +132,18 @@ def test_batched_images_are_bit_identical_to_images_made_alone(
         assert a.images[0].data == b.images[0].data
 
 
+def test_requests_of_other_sizes_never_share_engine_calls(tiny_model: ServedModel) -> None:
+    sizes = [(128, 128), (192, 128), (128, 128)]
+    requests = [
+        pb.GenerateRequest(prompt="a red circle", seeds=[i], steps=4, width=w, height=h)
+        for i, (w, h) in enumerate(sizes)
+    ]
+    with serving(tiny_model) as (_, stub, _), busy(stub), ThreadPoolExecutor(3) as pool:
+        responses = list(pool.map(stub.Generate, requests))
+    assert [(r.images[0].width, r.images[0].height) for r in responses] == sizes
+    assert [r.timings.batch_size for r in responses] == [2, 1, 2]
+
+
 def test_a_lone_caller_never_waits_for_batch_company(tiny_model: ServedModel) -> None:
     with serving(tiny_model, max_batch_wait_ms=2000) as (_, stub, _):
         timings = [stub.Generate(euler_request(prompt="a red circle", steps=2)).timings for _ in range(3)]

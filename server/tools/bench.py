@@ -38,6 +38,9 @@ class BenchOptions:
     steps: int = 20
     runs: int = 5
     scheduler: str = "euler"
+    backend: str = "cpu"
+    # diffuserve.engine.ort_cuda.CudaOptions for the cuda backend (None: its defaults).
+    cuda_options: object = None
 
 
 # The rows of the table, in the order of the pipeline.
@@ -68,7 +71,7 @@ def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
 
 
 def bench_ours(options: BenchOptions) -> tuple[dict[str, float], GenerateParams, ServedModel, np.ndarray]:
-    model = load_model(options.model_dir, backend="cpu")
+    model = load_model(options.model_dir, backend=options.backend, cuda_options=options.cuda_options)
     # The request a client would send, validated exactly as the server does it.
     request = pb.GenerateRequest(
         prompt=BENCH_PROMPT,
@@ -130,7 +133,9 @@ def unet_call_ms(model: ServedModel, params: GenerateParams) -> float:
     """One guided U-Net call for one image: what a sampler step is weighed against."""
     embeddings = encode_prompts(model, [params.negative_prompt, params.prompt])
     rows = UNetRows(model, [Solo(params)], [embeddings], guided=True)
-    latents = np.random.default_rng(0).standard_normal((1, *model.manifest.latent_shape), dtype=np.float32)
+    latents = np.random.default_rng(0).standard_normal(
+        (1, *model.manifest.latent_shape(params.size)), dtype=np.float32
+    )
     rows.predict(latents, np.float32(1), np.float32(500))
     return _median_ms(lambda: rows.predict(latents, np.float32(1), np.float32(500)), repeats=9)
 
@@ -139,7 +144,7 @@ def sampler_costs(model: ServedModel, params: GenerateParams, steps: int) -> lis
     """Per sampler, the ms of its own work per U-Net call for one image (arithmetic, and drawing the noise it takes,
     in the request's noise mode), and the share of a guided U-Net call that is."""
     unet_ms = unet_call_ms(model, params)
-    shape = (1, *model.manifest.latent_shape)
+    shape = (1, *model.manifest.latent_shape(params.size))
     rng = np.random.default_rng(0)
     rows = []
     for name in model.schedulers:
@@ -160,7 +165,7 @@ def sampler_costs(model: ServedModel, params: GenerateParams, steps: int) -> lis
 
 def noise_costs(model: ServedModel) -> dict[str, float]:
     """ms to draw one image's latent noise in each noise mode."""
-    shape = (1, *model.manifest.latent_shape)
+    shape = (1, *model.manifest.latent_shape(model.sizes[0]))
     return {
         mode: _median_ms(lambda mode=mode: make_generator(mode, BENCH_SEED).standard_normal(shape))
         for mode in NOISE_MODES
@@ -195,10 +200,13 @@ def run_bench(options: BenchOptions, json_path: str | None = None) -> dict:
     reference, reference_image = bench_diffusers(options, params) if options.reference else (None, None)
     print(
         f"model {params.model}, {params.width}x{params.height}, {options.steps} steps {options.scheduler}, "
-        f"guidance {BENCH_GUIDANCE}, {params.noise_mode} noise, median of {options.runs} runs (ms)"
+        f"guidance {BENCH_GUIDANCE}, {params.noise_mode} noise, median of {options.runs} runs (ms); "
+        f"{model.backend} backend, {model.target} target ({model.precision}) on {model.device}"
     )
     print(format_table(ours, reference))
-    report = {"options": asdict(options), "diffuserve": ours, "diffusers": reference}
+    environment = {"backend": model.backend, "target": model.target, "precision": model.precision}
+    environment |= {"device": model.device, "providers": model.providers}
+    report = {"options": asdict(options), "environment": environment, "diffuserve": ours, "diffusers": reference}
     if reference_image is not None:
         difference = float(np.abs(image - reference_image).max())
         print(f"max |ours - diffusers| on the 0..1 image, seed {params.seeds[0]}: {difference:.2e}")

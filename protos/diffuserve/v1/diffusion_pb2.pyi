@@ -184,8 +184,16 @@ class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ImageSize(_message.Message):
+    __slots__ = ("width", "height")
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    width: int
+    height: int
+    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "prediction_type", "width", "height", "batch_size", "schedulers", "default_scheduler", "default_steps", "default_guidance_scale", "max_steps", "max_images", "backend", "precision", "batch_sizes")
+    __slots__ = ("name", "family", "prediction_type", "width", "height", "batch_size", "schedulers", "default_scheduler", "default_steps", "default_guidance_scale", "max_steps", "max_images", "backend", "precision", "batch_sizes", "sizes", "target")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     PREDICTION_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +209,8 @@ class ModelInfo(_message.Message):
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
+    SIZES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     prediction_type: str
@@ -216,7 +226,9 @@ class ModelInfo(_message.Message):
     backend: str
     precision: str
     batch_sizes: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., prediction_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., batch_size: _Optional[int] = ..., schedulers: _Optional[_Iterable[_Union[Scheduler, str]]] = ..., default_scheduler: _Optional[_Union[Scheduler, str]] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., max_steps: _Optional[int] = ..., max_images: _Optional[int] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., batch_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
+    sizes: _containers.RepeatedCompositeFieldContainer[ImageSize]
+    target: str
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., prediction_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., batch_size: _Optional[int] = ..., schedulers: _Optional[_Iterable[_Union[Scheduler, str]]] = ..., default_scheduler: _Optional[_Union[Scheduler, str]] = ..., default_steps: _Optional[int] = ..., default_guidance_scale: _Optional[float] = ..., max_steps: _Optional[int] = ..., max_images: _Optional[int] = ..., backend: _Optional[str] = ..., precision: _Optional[str] = ..., batch_sizes: _Optional[_Iterable[int]] = ..., sizes: _Optional[_Iterable[_Union[ImageSize, _Mapping]]] = ..., target: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -229,7 +241,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("version", "backend", "providers", "default_model", "models", "runtime_versions", "queue_capacity", "queue_depth", "batching", "max_batch_wait_ms", "default_noise_mode")
+    __slots__ = ("version", "backend", "providers", "default_model", "models", "runtime_versions", "queue_capacity", "queue_depth", "batching", "max_batch_wait_ms", "default_noise_mode", "device", "target", "backend_reason")
     class RuntimeVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +260,9 @@ class GetServerInfoResponse(_message.Message):
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_NOISE_MODE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_REASON_FIELD_NUMBER: _ClassVar[int]
     version: str
     backend: str
     providers: _containers.RepeatedScalarFieldContainer[str]
@@ -259,4 +274,7 @@ class GetServerInfoResponse(_message.Message):
     batching: bool
     max_batch_wait_ms: float
     default_noise_mode: NoiseMode
-    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., default_model: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., runtime_versions: _Optional[_Mapping[str, str]] = ..., queue_capacity: _Optional[int] = ..., queue_depth: _Optional[int] = ..., batching: _Optional[bool] = ..., max_batch_wait_ms: _Optional[float] = ..., default_noise_mode: _Optional[_Union[NoiseMode, str]] = ...) -> None: ...
+    device: str
+    target: str
+    backend_reason: str
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., default_model: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., runtime_versions: _Optional[_Mapping[str, str]] = ..., queue_capacity: _Optional[int] = ..., queue_depth: _Optional[int] = ..., batching: _Optional[bool] = ..., max_batch_wait_ms: _Optional[float] = ..., default_noise_mode: _Optional[_Union[NoiseMode, str]] = ..., device: _Optional[str] = ..., target: _Optional[str] = ..., backend_reason: _Optional[str] = ...) -> None: ...
