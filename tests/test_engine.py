@@ -47,9 +47,9 @@ def test_bad_feeds_are_refused_naming_name_shape_and_dtype(vae_decoder: OrtEngin
 
 
 def cuda_really_runs() -> bool:
-    import onnxruntime
+    from diffuserve.engine.ort_cuda import cuda_unavailable_reason
 
-    return "CUDAExecutionProvider" in onnxruntime.get_available_providers() and Path("/dev/nvidiactl").exists()
+    return cuda_unavailable_reason() is None
 
 
 @pytest.mark.skipif(cuda_really_runs(), reason="this machine has a working CUDA")
