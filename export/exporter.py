@@ -13,7 +13,6 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field, replace
-from importlib import metadata
 from pathlib import Path
 
 import onnx
@@ -37,6 +36,7 @@ from diffuserve.engine.manifest import (
     format_size,
 )
 from diffuserve.engine.ort import BackendUnavailableError, load_cpu_engines
+from diffuserve.engine.versions import installed_versions
 
 from .graphs import DEFAULT_FP32_OPS, fused_fp16_graph, save_graph, unfused_fp16_graph
 from .parity import (
@@ -241,14 +241,7 @@ def source_hash(src: Path) -> str:
 
 
 def versions() -> dict[str, str]:
-    names = ("diffuserve", "torch", "diffusers", "transformers", "onnx", "onnxscript", "onnxruntime")
-    found = {}
-    for name in names:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
+    return installed_versions(("diffuserve", "torch", "diffusers", "transformers", "onnx", "onnxruntime"))
 
 
 def shape_specs(dims: ModelDims, options: ExportOptions) -> dict[str, list[tuple[int, Size | None, ComponentSpec]]]:

@@ -17,6 +17,7 @@ from .noise import NOISE_MODES
 from .params import IMAGE_FORMATS
 from .schedulers import SAMPLERS
 from .tools.demo import DEMO_PROMPT
+from .tools.synthetic import add_synthetic_arguments, cmd_synthetic
 from .worker import WorkerConfig
 
 log = logging.getLogger("diffuserve")
@@ -156,6 +157,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .tools.bench import BenchOptions, LoadOptions, run_bench, run_load
 
+    if args.synthetic:
+        return cmd_synthetic(args)
+    if not args.model:
+        print("bench: give MODEL (an exported model folder) or --synthetic KIND", file=sys.stderr)
+        return 2
     if args.memory:
         from .tools.memory import memory_report
 
@@ -328,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="per-stage latency, optionally against diffusers on the source model")
-    p.add_argument("model", help="an exported model folder")
+    p.add_argument("model", nargs="?", help="an exported model folder (or --synthetic KIND instead)")
     p.add_argument("--reference", help="the diffusers folder it was exported from, to time diffusers' pipeline")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--runs", type=int, default=5)
@@ -356,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead: resident memory serving every exported batch size against the smallest alone",
     )
     add_backend_arguments(p, default="cpu")
+    add_synthetic_arguments(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="serve the bundled model on a loopback port and draw one prompt over gRPC")
