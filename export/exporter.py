@@ -35,7 +35,7 @@ from diffuserve.engine.manifest import (
     TargetRecord,
     format_size,
 )
-from diffuserve.engine.ort import BackendUnavailableError, load_cpu_engines
+from diffuserve.engine.ort import load_cpu_engines
 from diffuserve.engine.versions import installed_versions
 
 from .graphs import DEFAULT_FP32_OPS, fused_fp16_graph, save_graph, unfused_fp16_graph
@@ -298,54 +298,64 @@ def export_fp32(run: ExportRun, folder: Path) -> dict[str, Path]:
     return graphs
 
 
-def cpu_target(run: ExportRun, fp32: dict[str, Path]) -> tuple[TargetRecord, dict[str, tuple[Engine, ...]]]:
-    """The fp32 graphs as exported, checked on the CPU; returns the engines too (the fp16 image gate's reference)."""
-    components, engines = {}, {}
+# A graph as the gates run it: its file and the backend it runs on here.
+CheckedGraph = tuple[Path, str]
+
+
+def load_checked(run: ExportRun, name: str, graph: CheckedGraph) -> tuple[Engine, ...]:
+    path, backend = graph
+    specs = [spec for *_, spec in run.shapes[name]]
+    if backend == "cuda":
+        from diffuserve.engine.ort_cuda import CudaOptions, load_cuda_engines
+
+        return load_cuda_engines(path, specs, CudaOptions())
+    return load_cpu_engines(path, specs)
+
+
+def cpu_target(run: ExportRun, fp32: dict[str, Path]) -> TargetRecord:
+    """The fp32 graphs as exported, checked on the CPU. Each component's engines are let go after its gate: at SD
+    sizes a U-Net session holds gigabytes of activations."""
+    components = {}
     for name, graph in fp32.items():
-        engines[name] = load_cpu_engines(graph, [spec for *_, spec in run.shapes[name]])
-        shapes = run.gate(CPU_TARGET, name, engines[name], run.options.parity_tolerance)
+        shapes = run.gate(CPU_TARGET, name, load_checked(run, name, (graph, "cpu")), run.options.parity_tolerance)
         components[name] = ComponentGraph(graph.relative_to(run.out).as_posix(), tuple(shapes))
-    return TargetRecord("fp32", components, "fp32 graph, onnxruntime CPUExecutionProvider"), engines
+    return TargetRecord("fp32", components, "fp32 graph, onnxruntime CPUExecutionProvider")
 
 
-def cuda_engines_here(graph: Path, specs: Sequence[ComponentSpec]) -> tuple[Engine, ...] | None:
-    """The final graph on CUDA when this machine really runs it, else None."""
-    from diffuserve.engine.ort_cuda import CpuPlacementError, CudaOptions, load_cuda_engines
+def cuda_runs_here() -> bool:
+    from diffuserve.engine.ort_cuda import cuda_unavailable_reason
 
-    try:
-        return load_cuda_engines(graph, specs, CudaOptions())
-    except CpuPlacementError:
-        raise  # CUDA runs here, but the graph would put nodes on the CPU: a broken export, not a missing GPU
-    except BackendUnavailableError as e:
-        log.info("no CUDA to check the cuda target on (%s): checking its fp16 graphs before fusion on the CPU", e)
-        return None
+    reason = cuda_unavailable_reason()
+    if reason:
+        log.info("no CUDA to check the cuda target on (%s): checking its fp16 graphs before fusion on the CPU", reason)
+    return reason is None
 
 
-def cuda_target(
-    run: ExportRun, fp32: dict[str, Path], scratch: Path
-) -> tuple[TargetRecord, dict[str, tuple[Engine, ...]]]:
+def cuda_target(run: ExportRun, fp32: dict[str, Path], scratch: Path) -> tuple[TargetRecord, dict[str, CheckedGraph]]:
     """Fused fp16 graphs; the gate runs the final graph on CUDA where there is one, else the fp16 graph before
-    fusion on the CPU (the fused ops have no CPU kernels). Returns the engines checked, for the image gate."""
-    components, checked, checked_with = {}, {}, []
+    fusion on the CPU (the fused ops have no CPU kernels). Returns the graphs checked, for the image gate."""
+    components, checked = {}, {}
+    on_cuda = cuda_runs_here()
     for name, graph in fp32.items():
         start = time.perf_counter()
         fp32_ops = run.options.fp32_ops_for(name)
         final = run.out / CUDA_TARGET / f"{name}.onnx"
         save_graph(fused_fp16_graph(graph, name, fp32_ops), final)
         run.report(f"{CUDA_TARGET}/{name}: fused and converted to fp16 in {time.perf_counter() - start:.1f} s")
-        specs = [spec for *_, spec in run.shapes[name]]
-        engines = cuda_engines_here(final, specs)
-        if engines is not None:
-            checked_with.append("final graph, onnxruntime CUDAExecutionProvider")
+        if on_cuda:
+            checked[name] = (final, "cuda")
         else:
-            unfused = scratch / f"{name}.fp16.onnx"
-            save_graph(unfused_fp16_graph(graph, fp32_ops), unfused)
-            engines = load_cpu_engines(unfused, specs)
-            checked_with.append("fp16 graph before fusion, onnxruntime CPUExecutionProvider")
-        shapes = run.gate(CUDA_TARGET, name, engines, run.options.fp16_tolerance)
+            checked[name] = (scratch / f"{name}.fp16.onnx", "cpu")
+            save_graph(unfused_fp16_graph(graph, fp32_ops), checked[name][0])
+        # A CpuPlacementError here is a broken export (CUDA runs, the graph would not): it propagates.
+        shapes = run.gate(CUDA_TARGET, name, load_checked(run, name, checked[name]), run.options.fp16_tolerance)
         components[name] = ComponentGraph(final.relative_to(run.out).as_posix(), tuple(shapes), fp32_ops)
-        checked[name] = engines
-    return TargetRecord("fp16", components, "; ".join(sorted(set(checked_with)))), checked
+    checked_with = (
+        "final graph, onnxruntime CUDAExecutionProvider"
+        if on_cuda
+        else "fp16 graph before fusion, onnxruntime CPUExecutionProvider"
+    )
+    return TargetRecord("fp16", components, checked_with), checked
 
 
 def export_model(
@@ -387,12 +397,13 @@ def export_model(
         # The cpu target is the fp32 export itself; other targets derive from it (kept aside when not served).
         fp32_folder = out / CPU_TARGET if CPU_TARGET in options.targets else scratch / "fp32"
         fp32 = export_fp32(run, fp32_folder)
-        cpu, cpu_engines = cpu_target(run, fp32)
+        cpu = cpu_target(run, fp32)
         targets = {CPU_TARGET: cpu}
         if CUDA_TARGET in options.targets:
-            cuda, cuda_engines = cuda_target(run, fp32, scratch)
+            cuda, checked_graphs = cuda_target(run, fp32, scratch)
             checked = replace(manifest, targets={CPU_TARGET: cpu, CUDA_TARGET: cuda})
-            image = check_image(run, checked, cpu_engines, cuda_engines)
+            fp32_graphs = {name: (path, "cpu") for name, path in fp32.items()}
+            image = check_image(run, checked, fp32_graphs, checked_graphs)
             targets[CUDA_TARGET] = replace(cuda, image_parity=image.to_dict())
         targets = {name: record for name, record in targets.items() if name in options.targets}
     manifest = replace(manifest, targets=targets)
@@ -409,15 +420,16 @@ def copy_runtime_files(src: Path, out: Path) -> None:
 
 
 def check_image(
-    run: ExportRun,
-    manifest: Manifest,
-    fp32: dict[str, tuple[Engine, ...]],
-    fp16: dict[str, tuple[Engine, ...]],
+    run: ExportRun, manifest: Manifest, fp32: dict[str, CheckedGraph], fp16: dict[str, CheckedGraph]
 ) -> ImageParity:
     """The fp16 target's decoded image against the fp32 pipeline's on the same latents, at every size."""
+
+    def engines(graphs: dict[str, CheckedGraph]) -> Callable[[str], tuple[Engine, ...]]:
+        return lambda name: load_checked(run, name, graphs[name])
+
     results = []
     for size in run.options.sizes:
-        result = image_parity(run.out, manifest, fp32, fp16, size)
+        result = image_parity(run.out, manifest, engines(fp32), engines(fp16), size)
         run.report(f"{CUDA_TARGET}: decoded image at {format_size(size)} against fp32: {result.describe()}")
         results.append(result)
     worst = min(results, key=lambda r: r.psnr_db)

@@ -4,7 +4,7 @@ decoded image against the fp32 pipeline's."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -122,24 +122,24 @@ def compare_images(a: np.ndarray, b: np.ndarray, size: Size, steps: int) -> Imag
 def image_parity(
     folder: Path,
     manifest: Manifest,
-    fp32: Mapping[str, Sequence[Engine]],
-    fp16: Mapping[str, Sequence[Engine]],
+    fp32: Callable[[str], Sequence[Engine]],
+    fp16: Callable[[str], Sequence[Engine]],
     size: Size,
 ) -> ImageParity:
-    """Renders one prompt through the server's own pipeline on both sets of engines, same seed and sampler."""
+    """Renders one prompt through the server's own pipeline on both sets of engines (made by component name, one
+    pipeline at a time so only one is in memory), same seed and sampler."""
     from diffuserve.server.models import TEXT_TO_IMAGE, served_model
     from diffuserve.server.params import validate
     from diffuserve.server.pipeline import render
     from diffuserve.v1 import diffusion_pb2 as pb
 
-    def model(target: str, engines: Mapping[str, Sequence[Engine]]):
-        loaded = LoadedEngines(manifest, "cpu", target, {c: tuple(engines[c]) for c in TEXT_TO_IMAGE}, (), "")
-        return served_model(folder, loaded)
-
-    images = []
-    for served in (model(CPU_TARGET, fp32), model(CUDA_TARGET, fp16)):
+    def image(target: str, engines: Callable[[str], Sequence[Engine]]) -> np.ndarray:
+        loaded = LoadedEngines(manifest, "cpu", target, {c: tuple(engines(c)) for c in TEXT_TO_IMAGE}, (), "")
+        served = served_model(folder, loaded)
         request = pb.GenerateRequest(
             prompt=IMAGE_PARITY_PROMPT, seeds=[0], steps=IMAGE_PARITY_STEPS, width=size[0], height=size[1]
         )
-        images.append(render(served, validate(request, {served.name: served}, served.name)))
-    return compare_images(*images, size, IMAGE_PARITY_STEPS)
+        return render(served, validate(request, {served.name: served}, served.name))
+
+    reference = image(CPU_TARGET, fp32)
+    return compare_images(reference, image(CUDA_TARGET, fp16), size, IMAGE_PARITY_STEPS)
