@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
@@ -45,9 +46,10 @@ from .parity import (
     FP16_TOLERANCE,
     ImageParity,
     ParityError,
-    check_parity,
+    compare_outputs,
     image_parity,
     random_feeds,
+    reference_outputs,
 )
 from .previews import fit_latent_rgb
 from .specs import ModelDims, check_image_size, component_specs
@@ -267,13 +269,25 @@ class ExportRun:
     shapes: dict[str, list[tuple[int, Size | None, ComponentSpec]]]
     dims: ModelDims
     report: Callable[[str], None]
+    # (component, batch, size) -> the random feeds and PyTorch's outputs on them.
+    references: dict = field(default_factory=dict)
+
+    def compute_references(self) -> None:
+        """PyTorch's outputs for every shape's random feeds, once for all targets; then the torch modules go, so
+        fusing a full-size U-Net does not share memory with them."""
+        for name, shapes in self.shapes.items():
+            for batch, size, spec in shapes:
+                feeds = random_feeds(spec, self.dims.vocab_size, self.dims.num_train_timesteps)
+                self.references[(name, batch, size)] = (feeds, reference_outputs(self.modules[name], spec, feeds))
+        self.modules.clear()
+        gc.collect()
 
     def gate(self, target: str, name: str, engines: Sequence[Engine], tolerance: float) -> list[ShapeRecord]:
         """Parity of each shape against PyTorch; over tolerance fails the export naming component and shape."""
         records = []
         for (batch, size, spec), engine in zip(self.shapes[name], engines, strict=True):
-            feeds = random_feeds(spec, self.dims.vocab_size, self.dims.num_train_timesteps)
-            parity = check_parity(self.modules[name], engine, feeds, tolerance)
+            feeds, reference = self.references[(name, batch, size)]
+            parity = compare_outputs(engine, feeds, reference, tolerance)
             where = f"{target}/{name} batch {batch}" + (f" {format_size(size)}" if size else "")
             self.report(
                 f"{where}: parity max|torch - onnxruntime| = {parity.max_abs_diff:.2e} "
@@ -397,6 +411,8 @@ def export_model(
         # The cpu target is the fp32 export itself; other targets derive from it (kept aside when not served).
         fp32_folder = out / CPU_TARGET if CPU_TARGET in options.targets else scratch / "fp32"
         fp32 = export_fp32(run, fp32_folder)
+        del text_encoder, unet, vae
+        run.compute_references()
         cpu = cpu_target(run, fp32)
         targets = {CPU_TARGET: cpu}
         if CUDA_TARGET in options.targets:

@@ -75,18 +75,28 @@ def random_feeds(
 
 
 @torch.no_grad()
+def reference_outputs(module: nn.Module, spec: ComponentSpec, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """PyTorch's outputs on the feeds, float32, in the spec's order."""
+    outputs = module(*(torch.from_numpy(feeds[t.name]) for t in spec.inputs))
+    if isinstance(outputs, torch.Tensor):
+        outputs = (outputs,)
+    return [output.float().numpy() for output in outputs]
+
+
 def check_parity(
     module: nn.Module, engine: Engine, feeds: dict[str, np.ndarray], tolerance: float = DEFAULT_TOLERANCE
 ) -> ParityResult:
     """Max |torch - runtime| over all outputs, against tolerance times the reference's magnitude (at least 1)."""
+    return compare_outputs(engine, feeds, reference_outputs(module, engine.spec, feeds), tolerance)
+
+
+def compare_outputs(
+    engine: Engine, feeds: dict[str, np.ndarray], reference: Sequence[np.ndarray], tolerance: float
+) -> ParityResult:
     spec = engine.spec
-    reference = module(*(torch.from_numpy(feeds[t.name]) for t in spec.inputs))
-    if isinstance(reference, torch.Tensor):
-        reference = (reference,)
     actual = engine.run(feeds)
     diff, scale = 0.0, 1.0
     for t, ref in zip(spec.outputs, reference, strict=True):
-        ref = ref.float().numpy()
         error = np.abs(actual[t.name].astype(np.float32) - ref)
         # An inf or NaN output (fp16 overflow) must fail the gate, and max() would drop a NaN.
         diff = max(diff, float(np.max(error)) if np.isfinite(error).all() else math.inf)
