@@ -7,11 +7,11 @@ import os
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .base import Engine
-from .manifest import CPU_TARGET, CUDA_TARGET, Manifest, TargetRecord
+from .manifest import CPU_TARGET, CUDA_TARGET, ComponentSpec, Manifest, TargetRecord
 from .ort import BACKENDS, CUDA, BackendUnavailableError, import_onnxruntime, load_cpu_engines
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,6 @@ class LoadedEngines:
     device: str
     # Why this backend runs: asked for, or what `auto` found.
     reason: str = ""
-    load_s: dict[str, float] = field(default_factory=dict)
 
 
 def cpu_name() -> str:
@@ -56,22 +55,35 @@ def auto_candidates(manifest: Manifest) -> tuple[list[str], str]:
     return ["cuda", "cpu"], "onnxruntime offers CUDAExecutionProvider"
 
 
+def load_component_engines(
+    graph_path: Path, specs: Sequence[ComponentSpec], backend: str, threads: int | None = None, cuda_options=None
+) -> tuple[Engine, ...]:
+    """One component graph on a backend: an engine per shape, over one copy of its weights."""
+    if backend == "cuda":
+        from .ort_cuda import CudaOptions, load_cuda_engines
+
+        return load_cuda_engines(graph_path, specs, cuda_options or CudaOptions())
+    return load_cpu_engines(graph_path, specs, threads)
+
+
 def load_target(
-    folder: Path, target: TargetRecord, backend: str, components: Sequence[str], threads: int | None, cuda_options
-) -> tuple[dict[str, tuple[Engine, ...]], dict[str, float]]:
-    engines, seconds = {}, {}
+    folder: Path,
+    model: str,
+    target: TargetRecord,
+    backend: str,
+    components: Sequence[str],
+    threads: int | None,
+    cuda_options,
+) -> dict[str, tuple[Engine, ...]]:
+    engines = {}
     for name in components:
         start = time.perf_counter()
         graph = target.components[name]
         specs = [shape.spec for shape in graph.shapes]
-        if backend == "cuda":
-            from .ort_cuda import CudaOptions, load_cuda_engines
-
-            engines[name] = load_cuda_engines(folder / graph.graph_file, specs, cuda_options or CudaOptions())
-        else:
-            engines[name] = load_cpu_engines(folder / graph.graph_file, specs, threads)
-        seconds[name] = time.perf_counter() - start
-    return engines, seconds
+        engines[name] = load_component_engines(folder / graph.graph_file, specs, backend, threads, cuda_options)
+        elapsed = time.perf_counter() - start
+        log.info("%s/%s: %d shapes loaded on %s in %.1f s", model, name, len(specs), backend, elapsed)
+    return engines
 
 
 def load_engines(
@@ -92,22 +104,20 @@ def load_engines(
         candidates, reason = [backend], "asked for"
     else:
         raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
-    for candidate in candidates:
-        target_name = BACKEND_TARGETS[candidate]
-        target = manifest.require(target_name, components)
-        try:
-            engines, seconds = load_target(folder, target, candidate, components, threads, cuda_options)
-        except BackendUnavailableError as e:
-            if candidate == candidates[-1]:
-                raise
-            log.warning("%s: backend %s does not run here (%s); trying the next", manifest.name, candidate, e)
-            reason = f"{candidate} did not run: {e}"
-            continue
+
+    def load_on(candidate: str, reason: str) -> LoadedEngines:
+        target = BACKEND_TARGETS[candidate]
+        record = manifest.require(target, components)
+        engines = load_target(folder, manifest.name, record, candidate, components, threads, cuda_options)
         first = engines[components[0]][0]
         device = first.device if candidate == "cuda" else cpu_name()
-        for name, s in seconds.items():
-            log.info("%s/%s: %d shapes loaded on %s in %.1f s", manifest.name, name, len(engines[name]), candidate, s)
-        return LoadedEngines(
-            manifest, candidate, target_name, engines, tuple(first.providers), device, reason, seconds
-        )
-    raise AssertionError("unreachable: the last candidate raises")
+        return LoadedEngines(manifest, candidate, target, engines, tuple(first.providers), device, reason)
+
+    # Every candidate but the last may fail to run here, and the next is tried; the last one's failure is the error.
+    for candidate in candidates[:-1]:
+        try:
+            return load_on(candidate, reason)
+        except BackendUnavailableError as e:
+            log.warning("%s: backend %s does not run here (%s); trying the next", manifest.name, candidate, e)
+            reason = f"{candidate} did not run: {e}"
+    return load_on(candidates[-1], reason)

@@ -133,6 +133,10 @@ class ShapeRecord:
     size: Size | None
     parity: Mapping[str, float] = field(default_factory=dict)
 
+    def serves(self, size: Size) -> bool:
+        """Whether requests of this image size (width, height) run on this shape."""
+        return self.size is None or self.size == tuple(size)
+
     def to_dict(self) -> dict[str, Any]:
         size = list(self.size) if self.size else None
         return {**self.spec.to_dict(), "batch": self.batch, "size": size, "parity": dict(self.parity)}
@@ -192,7 +196,7 @@ class TargetRecord:
     def record(self, component: str, batch: int | None = None, size: Size | None = None) -> ShapeRecord:
         """The component's shape for one batch and size (the first exported of each by default)."""
         for shape in self.components[component].shapes:
-            if (batch is None or shape.batch == batch) and (size is None or shape.size in (None, tuple(size))):
+            if (batch is None or shape.batch == batch) and (size is None or shape.serves(size)):
                 return shape
         raise KeyError(f"{component}: no shape for batch {batch} at {size}")
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from diffuserve.engine.base import Engine
+from diffuserve.engine.loader import load_component_engines
 from diffuserve.engine.manifest import (
     CPU_TARGET,
     CUDA_TARGET,
@@ -36,7 +37,6 @@ from diffuserve.engine.manifest import (
     TargetRecord,
     format_size,
 )
-from diffuserve.engine.ort import load_cpu_engines
 from diffuserve.engine.versions import installed_versions
 
 from .graphs import DEFAULT_FP32_OPS, fused_fp16_graph, save_graph, unfused_fp16_graph
@@ -248,15 +248,14 @@ def versions() -> dict[str, str]:
 
 def shape_specs(dims: ModelDims, options: ExportOptions) -> dict[str, list[tuple[int, Size | None, ComponentSpec]]]:
     """Every (batch, size) each component serves; the text encoder's shapes do not depend on the image size."""
-    shapes: dict[str, list[tuple[int, Size | None, ComponentSpec]]] = {}
+    shapes: dict[str, dict[tuple[int, Size | None], ComponentSpec]] = {}
     for width, height in options.sizes:
         check_image_size(dims, height, width)
         for batch in options.batches:
             for name, spec in component_specs(dims, height, width, batch).items():
                 size = None if name == TEXT_ENCODER else (width, height)
-                if (batch, size) not in {(b, s) for b, s, _ in shapes.get(name, [])}:
-                    shapes.setdefault(name, []).append((batch, size, spec))
-    return shapes
+                shapes.setdefault(name, {}).setdefault((batch, size), spec)
+    return {name: [(batch, size, spec) for (batch, size), spec in specs.items()] for name, specs in shapes.items()}
 
 
 @dataclass
@@ -318,12 +317,7 @@ CheckedGraph = tuple[Path, str]
 
 def load_checked(run: ExportRun, name: str, graph: CheckedGraph) -> tuple[Engine, ...]:
     path, backend = graph
-    specs = [spec for *_, spec in run.shapes[name]]
-    if backend == "cuda":
-        from diffuserve.engine.ort_cuda import CudaOptions, load_cuda_engines
-
-        return load_cuda_engines(path, specs, CudaOptions())
-    return load_cpu_engines(path, specs)
+    return load_component_engines(path, [spec for *_, spec in run.shapes[name]], backend)
 
 
 def cpu_target(run: ExportRun, fp32: dict[str, Path]) -> TargetRecord:
@@ -386,8 +380,7 @@ def export_model(
 
     text_encoder, unet, vae = load_components(src)
     dims = model_dims(src, text_encoder, unet, vae)
-    run = ExportRun(out, options, wrap_components(text_encoder, unet, vae), {}, dims, report)
-    run.shapes = shape_specs(dims, options)
+    run = ExportRun(out, options, wrap_components(text_encoder, unet, vae), shape_specs(dims, options), dims, report)
     copy_runtime_files(src, out)
     scheduler = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
     manifest = Manifest(

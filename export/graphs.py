@@ -49,15 +49,6 @@ def save_graph(model: onnx.ModelProto, path: Path) -> None:
     )
 
 
-def graph_files(path: Path) -> list[Path]:
-    return [p for p in (path, path.with_name(path.name + ".data")) if p.is_file()]
-
-
-def remove_graph(path: Path) -> None:
-    for p in graph_files(path):
-        p.unlink()
-
-
 @contextmanager
 def quiet_optimizer() -> Iterator[None]:
     """onnxruntime.transformers logs every fusion at INFO under its own module names and draws progress bars on
@@ -106,7 +97,7 @@ def fused_fp16_graph(fp32_graph: Path, component: str, fp32_ops: Sequence[str]) 
         try:
             model = fuse()
         except TypeError as e:
-            # The VAE attention fusion of onnxruntime 1.32 converts a 1-element array with int(), which numpy >= 2.5
+            # The VAE attention fusion of onnxruntime 1.32 converts a 1-element array with int(), which numpy 2.4
             # refuses; the VAE has one attention block, at its lowest resolution, so fuse the rest without it.
             if model_type != "vae":
                 raise

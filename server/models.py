@@ -93,7 +93,7 @@ class ServedModel:
         if size is None:
             return engines
         graph = self.manifest.targets[self.target].components[component]
-        return tuple(e for e, shape in zip(engines, graph.shapes, strict=True) if shape.size in (None, tuple(size)))
+        return tuple(e for e, shape in zip(engines, graph.shapes, strict=True) if shape.serves(size))
 
 
 def load_model(

@@ -150,7 +150,7 @@ def validate(request: pb.GenerateRequest, models: Mapping[str, ServedModel], def
         f"request_id: at most {MAX_REQUEST_ID_CHARS} printable characters",
     )
 
-    default_width, default_height = model.sizes[0]
+    default_width, default_height = model.manifest.default_size
     width = request.width or default_width
     height = request.height or default_height
     # Name the field that no served size has; the height when the width alone would do.
@@ -158,7 +158,7 @@ def validate(request: pb.GenerateRequest, models: Mapping[str, ServedModel], def
     check(
         (width, height) in model.sizes,
         f"{field}: model {model.name!r} serves the sizes {', '.join(format_size(s) for s in model.sizes)} "
-        f"(width x height, static shapes; 0 takes {format_size(model.sizes[0])}), got {width}x{height}",
+        f"(width x height, static shapes; 0 takes {format_size(model.manifest.default_size)}), got {width}x{height}",
     )
 
     num_images = request.num_images or max(1, len(request.seeds))

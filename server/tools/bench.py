@@ -165,7 +165,7 @@ def sampler_costs(model: ServedModel, params: GenerateParams, steps: int) -> lis
 
 def noise_costs(model: ServedModel) -> dict[str, float]:
     """ms to draw one image's latent noise in each noise mode."""
-    shape = (1, *model.manifest.latent_shape(model.sizes[0]))
+    shape = (1, *model.manifest.latent_shape(model.manifest.default_size))
     return {
         mode: _median_ms(lambda mode=mode: make_generator(mode, BENCH_SEED).standard_normal(shape))
         for mode in NOISE_MODES

@@ -17,6 +17,35 @@ from diffuserve.v1 import diffusion_pb2 as pb
 PROBE_STEPS = 2
 
 
+def _proc_status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def rss_bytes() -> int | None:
+    return _proc_status_bytes("VmRSS")
+
+
+def peak_rss_bytes() -> int | None:
+    return _proc_status_bytes("VmHWM")
+
+
+def reset_peak_rss() -> bool:
+    """Starts a new high-water mark (Linux: writing 5 to clear_refs), so each phase's peak is its own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
 def restricted_copy(folder: Path, batches: tuple[int, ...], dest: Path) -> Path:
     """The model served with only some batch sizes: the same graph files (linked), a manifest listing fewer shapes."""
     manifest = Manifest.load(folder)
@@ -51,12 +80,7 @@ def probe(folder: str, backend: str) -> dict:
                 prompt="a red circle", num_images=batch, steps=PROBE_STEPS, width=width, height=height
             )
             generate(model, validate(request, {model.name: model}, model.name))
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    report = {
-        "backend": model.backend,
-        "rss_mb": int(status["VmRSS"].split()[0]) / 1024,
-        "peak_rss_mb": int(status["VmHWM"].split()[0]) / 1024,
-    }
+    report = {"backend": model.backend, "rss_mb": rss_bytes() / 2**20, "peak_rss_mb": peak_rss_bytes() / 2**20}
     if model.backend == "cuda":
         from diffuserve.engine.nvml import gpu_memory_used
 

@@ -35,6 +35,7 @@ from ..params import GenerateParams, scheduler_enum, validate
 from ..pipeline import StageTimes, generate, to_uint8
 from ..schedulers import make_plan
 from .bench import BENCH_GUIDANCE, BENCH_PROMPT, BENCH_SEED, median_of
+from .memory import peak_rss_bytes, reset_peak_rss, rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -145,35 +146,6 @@ def emit(text: str = "") -> None:
 
 
 # Memory: the process's resident set (peak per phase, via Linux's resettable high-water mark) and the GPU's use.
-
-
-def _proc_status_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def rss_bytes() -> int | None:
-    return _proc_status_bytes("VmRSS")
-
-
-def peak_rss_bytes() -> int | None:
-    return _proc_status_bytes("VmHWM")
-
-
-def reset_peak_rss() -> bool:
-    """Starts a new high-water mark (Linux: writing 5 to clear_refs), so each phase's peak is its own."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
 
 
 def gpu_memory_bytes(device_id: int) -> int | None:
