@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -34,3 +34,15 @@ def check_feeds(spec: ComponentSpec, feeds: Mapping[str, np.ndarray]) -> None:
             raise EngineInputError(
                 f"{spec.name}: input {t.name} must be {list(t.shape)} {t.dtype}, got {list(array.shape)} {array.dtype}"
             )
+
+
+def replay_difference(engine, feeds_list: Sequence[Mapping[str, np.ndarray]]) -> float:
+    """The largest |run - run_eager| over the feeds, for an engine that replays a CUDA graph in `run` (its first runs
+    capture it, later ones replay) and has `run_eager` on the same buffers: different feeds show that replays read
+    the updated inputs."""
+    worst = 0.0
+    for feeds in feeds_list:
+        graph, eager = engine.run(feeds), engine.run_eager(feeds)
+        for name, value in graph.items():
+            worst = max(worst, float(np.max(np.abs(value.astype(np.float64) - eager[name]))))
+    return worst

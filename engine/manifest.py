@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -37,10 +38,13 @@ LATENT_LOGVAR = "latent_logvar"
 DTYPES = ("float32", "float16", "int32", "int64")
 
 # Export targets: the graphs each runtime needs. `cpu` keeps fp32 graphs as exported (fp16 is slower on a CPU);
-# `cuda` holds fp16 graphs fused for ONNX Runtime's CUDA provider, whose fused ops have no CPU kernels.
+# `cuda` holds fp16 graphs fused for ONNX Runtime's CUDA provider, whose fused ops have no CPU kernels; `tensorrt`
+# holds fp16 graphs with explicit casts and standard ops only, from which TensorRT builds strongly typed plans on the
+# machine that serves them.
 CPU_TARGET = "cpu"
 CUDA_TARGET = "cuda"
-TARGETS = (CPU_TARGET, CUDA_TARGET)
+TENSORRT_TARGET = "tensorrt"
+TARGETS = (CPU_TARGET, CUDA_TARGET, TENSORRT_TARGET)
 
 # The dimensions each graph leaves symbolic, per component and tensor: one graph serves every batch and image size
 # the manifest lists, and a runtime that wants static shapes pins these names to one shape's values.
@@ -170,6 +174,68 @@ class ComponentGraph:
 
 
 @dataclass(frozen=True)
+class PlanKey:
+    """What a TensorRT plan is valid for: plans run only on the GPU architecture and TensorRT version that built them,
+    at the precision and shapes they were built from."""
+
+    compute_capability: str  # "9.0"
+    tensorrt_version: str  # "10.3.0"
+    precision: str
+    # sha256 (first 16 hex digits) of the target's shapes, as shapes_digest computes it.
+    shapes: str
+
+    @property
+    def folder_name(self) -> str:
+        sm = self.compute_capability.replace(".", "")
+        return f"sm{sm}-trt{self.tensorrt_version}-{self.precision}-{self.shapes}"
+
+    def describe(self) -> str:
+        return (
+            f"compute capability {self.compute_capability}, TensorRT {self.tensorrt_version}, {self.precision}, "
+            f"shapes {self.shapes}"
+        )
+
+
+@dataclass(frozen=True)
+class PlanFile:
+    """One component's TensorRT plan: an engine with one optimization profile per shape, in the shapes' order."""
+
+    plan_file: str
+    sha256: str
+    # Activation memory each profile's context needs, bytes (what the shared block is sized from).
+    device_memory: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class PlanSet:
+    """The plans `diffuserve build-engines` made on one kind of machine: a plan per component, under one key."""
+
+    key: PlanKey
+    components: Mapping[str, PlanFile]
+    gpu: str = ""
+    build_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": asdict(self.key),
+            "gpu": self.gpu,
+            "build_seconds": self.build_seconds,
+            "components": {
+                name: {**asdict(plan), "device_memory": list(plan.device_memory)}
+                for name, plan in self.components.items()
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PlanSet:
+        components = {
+            name: PlanFile(p["plan_file"], p["sha256"], tuple(p.get("device_memory", ())))
+            for name, p in d["components"].items()
+        }
+        return cls(PlanKey(**d["key"]), components, d.get("gpu", ""), d.get("build_seconds", 0.0))
+
+
+@dataclass(frozen=True)
 class TargetRecord:
     """What one export target produced: its precision, a graph per component, and how its parity was checked."""
 
@@ -179,19 +245,32 @@ class TargetRecord:
     checked_with: str = ""
     # The decoded image against the fp32 pipeline on the same latents (fp16 targets): psnr_db, mean/max_abs_diff.
     image_parity: Mapping[str, float] = field(default_factory=dict)
+    # TensorRT plans built from this target's graphs, one set per machine kind (`diffuserve build-engines`).
+    plans: tuple[PlanSet, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "precision": self.precision,
             "checked_with": self.checked_with,
             "image_parity": dict(self.image_parity),
             "components": {name: graph.to_dict() for name, graph in self.components.items()},
         }
+        if self.plans:
+            d["plans"] = [plans.to_dict() for plans in self.plans]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TargetRecord:
         components = {name: ComponentGraph.from_dict(name, c) for name, c in d["components"].items()}
-        return cls(d["precision"], components, d.get("checked_with", ""), d.get("image_parity", {}))
+        plans = tuple(PlanSet.from_dict(p) for p in d.get("plans", ()))
+        return cls(d["precision"], components, d.get("checked_with", ""), d.get("image_parity", {}), plans)
+
+    def shapes_digest(self) -> str:
+        """A digest of every component's shapes (names, dimensions, dtypes, in order): a plan built for other shapes
+        has other profiles."""
+        shapes = {name: [shape.spec.to_dict() for shape in graph.shapes] for name, graph in self.components.items()}
+        text = json.dumps(shapes, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def record(self, component: str, batch: int | None = None, size: Size | None = None) -> ShapeRecord:
         """The component's shape for one batch and size (the first exported of each by default)."""
@@ -262,8 +341,12 @@ class Manifest:
         return self.targets[name]
 
     def save(self, folder: str | os.PathLike) -> Path:
+        """Written aside, then renamed over the old one: `build-engines` rewrites the manifest of a folder that a
+        server may be reading."""
         path = Path(folder) / MANIFEST_NAME
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        staged = path.with_name(f".{MANIFEST_NAME}.{os.getpid()}")
+        staged.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        staged.replace(path)
         return path
 
     @classmethod

@@ -15,7 +15,6 @@ log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-BACKENDS = ("cpu", "cuda")
 
 
 class BackendUnavailableError(RuntimeError):

@@ -28,6 +28,7 @@ from diffuserve.engine.manifest import (
     MANIFEST_NAME,
     SYMBOLIC_AXES,
     TARGETS,
+    TENSORRT_TARGET,
     TEXT_ENCODER,
     ComponentGraph,
     ComponentSpec,
@@ -65,7 +66,9 @@ OPSET = 17
 EXPECTED_CLASSES = {"text_encoder": "CLIPTextModel", "unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 # Precision of each target's graphs.
-TARGET_PRECISION = {CPU_TARGET: "fp32", CUDA_TARGET: "fp16"}
+TARGET_PRECISION = {CPU_TARGET: "fp32", CUDA_TARGET: "fp16", TENSORRT_TARGET: "fp16"}
+# The ONNX domains TensorRT's parser reads (the standard operator set); a graph with ops of another is not built.
+TENSORRT_DOMAINS = ("", "ai.onnx")
 
 
 class ExportError(RuntimeError):
@@ -258,6 +261,10 @@ def shape_specs(dims: ModelDims, options: ExportOptions) -> dict[str, list[tuple
     return {name: [(batch, size, spec) for (batch, size), spec in specs.items()] for name, specs in shapes.items()}
 
 
+# A graph as the gates run it: its file and the backend it runs on here.
+CheckedGraph = tuple[Path, str]
+
+
 @dataclass
 class ExportRun:
     """What one export works with: the torch modules, their shapes, where graphs go, and how to report."""
@@ -270,6 +277,8 @@ class ExportRun:
     report: Callable[[str], None]
     # (component, batch, size) -> the random feeds and PyTorch's outputs on them.
     references: dict = field(default_factory=dict)
+    # (component, graph, backend, tolerance) -> the shapes' parity records.
+    gated: dict = field(default_factory=dict)
 
     def compute_references(self) -> None:
         """PyTorch's outputs for every shape's random feeds, once for all targets; then the torch modules go, so
@@ -281,8 +290,15 @@ class ExportRun:
         self.modules.clear()
         gc.collect()
 
-    def gate(self, target: str, name: str, engines: Sequence[Engine], tolerance: float) -> list[ShapeRecord]:
-        """Parity of each shape against PyTorch; over tolerance fails the export naming component and shape."""
+    def gate(self, target: str, name: str, graph: CheckedGraph, tolerance: float) -> list[ShapeRecord]:
+        """Parity of each shape against PyTorch; over tolerance fails the export naming component and shape. A graph
+        two targets check alike (their fp16 graph on the CPU) is run once."""
+        key = (name, *graph, tolerance)
+        if key not in self.gated:
+            self.gated[key] = self._gate(target, name, load_checked(self, name, graph), tolerance)
+        return self.gated[key]
+
+    def _gate(self, target: str, name: str, engines: Sequence[Engine], tolerance: float) -> list[ShapeRecord]:
         records = []
         for (batch, size, spec), engine in zip(self.shapes[name], engines, strict=True):
             feeds, reference = self.references[(name, batch, size)]
@@ -311,10 +327,6 @@ def export_fp32(run: ExportRun, folder: Path) -> dict[str, Path]:
     return graphs
 
 
-# A graph as the gates run it: its file and the backend it runs on here.
-CheckedGraph = tuple[Path, str]
-
-
 def load_checked(run: ExportRun, name: str, graph: CheckedGraph) -> tuple[Engine, ...]:
     path, backend = graph
     return load_component_engines(path, [spec for *_, spec in run.shapes[name]], backend)
@@ -325,7 +337,7 @@ def cpu_target(run: ExportRun, fp32: dict[str, Path]) -> TargetRecord:
     sizes a U-Net session holds gigabytes of activations."""
     components = {}
     for name, graph in fp32.items():
-        shapes = run.gate(CPU_TARGET, name, load_checked(run, name, (graph, "cpu")), run.options.parity_tolerance)
+        shapes = run.gate(CPU_TARGET, name, (graph, "cpu"), run.options.parity_tolerance)
         components[name] = ComponentGraph(graph.relative_to(run.out).as_posix(), tuple(shapes))
     return TargetRecord("fp32", components, "fp32 graph, onnxruntime CPUExecutionProvider")
 
@@ -339,31 +351,61 @@ def cuda_runs_here() -> bool:
     return reason is None
 
 
-def cuda_target(run: ExportRun, fp32: dict[str, Path], scratch: Path) -> tuple[TargetRecord, dict[str, CheckedGraph]]:
-    """Fused fp16 graphs; the gate runs the final graph on CUDA where there is one, else the fp16 graph before
-    fusion on the CPU (the fused ops have no CPU kernels). Returns the graphs checked, for the image gate."""
+def explicit_fp16_graphs(run: ExportRun, fp32: dict[str, Path], folder: Path) -> dict[str, Path]:
+    """fp16 with float32 inputs and outputs, every change of precision an explicit Cast, standard ops only: the
+    tensorrt target's graphs, and what the cuda target's gate runs where CUDA does not (the fused ops need it)."""
+    graphs = {}
+    for name, graph in fp32.items():
+        start = time.perf_counter()
+        graphs[name] = folder / f"{name}.onnx"
+        save_graph(unfused_fp16_graph(graph, run.options.fp32_ops_for(name)), graphs[name])
+        run.report(f"{name}: converted to fp16 with explicit casts in {time.perf_counter() - start:.1f} s")
+    return graphs
+
+
+def cuda_target(
+    run: ExportRun, fp32: dict[str, Path], fp16: dict[str, Path] | None
+) -> tuple[TargetRecord, dict[str, CheckedGraph]]:
+    """Fused fp16 graphs; the gate runs the final graph on CUDA where there is one, else the same fp16 graph before
+    fusion on the CPU (`fp16`; the fused ops have no CPU kernels). Returns the graphs checked, for the image gate."""
     components, checked = {}, {}
-    on_cuda = cuda_runs_here()
     for name, graph in fp32.items():
         start = time.perf_counter()
         fp32_ops = run.options.fp32_ops_for(name)
         final = run.out / CUDA_TARGET / f"{name}.onnx"
         save_graph(fused_fp16_graph(graph, name, fp32_ops), final)
         run.report(f"{CUDA_TARGET}/{name}: fused and converted to fp16 in {time.perf_counter() - start:.1f} s")
-        if on_cuda:
-            checked[name] = (final, "cuda")
-        else:
-            checked[name] = (scratch / f"{name}.fp16.onnx", "cpu")
-            save_graph(unfused_fp16_graph(graph, fp32_ops), checked[name][0])
+        checked[name] = (fp16[name], "cpu") if fp16 else (final, "cuda")
         # A CpuPlacementError here is a broken export (CUDA runs, the graph would not): it propagates.
-        shapes = run.gate(CUDA_TARGET, name, load_checked(run, name, checked[name]), run.options.fp16_tolerance)
+        shapes = run.gate(CUDA_TARGET, name, checked[name], run.options.fp16_tolerance)
         components[name] = ComponentGraph(final.relative_to(run.out).as_posix(), tuple(shapes), fp32_ops)
     checked_with = (
-        "final graph, onnxruntime CUDAExecutionProvider"
-        if on_cuda
-        else "fp16 graph before fusion, onnxruntime CPUExecutionProvider"
+        "fp16 graph before fusion, onnxruntime CPUExecutionProvider"
+        if fp16
+        else "final graph, onnxruntime CUDAExecutionProvider"
     )
     return TargetRecord("fp16", components, checked_with), checked
+
+
+def check_standard_ops(component: str, graph: Path) -> None:
+    """TensorRT's ONNX parser reads the standard operator set only."""
+    nodes = onnx.load(str(graph), load_external_data=False).graph.node
+    foreign = sorted({f"{n.domain}.{n.op_type}" for n in nodes if n.domain not in TENSORRT_DOMAINS})
+    if foreign:
+        raise ExportError(f"{TENSORRT_TARGET}/{component}: ops outside the standard ONNX set: {foreign}")
+
+
+def tensorrt_target(run: ExportRun, fp16: dict[str, Path]) -> tuple[TargetRecord, dict[str, CheckedGraph]]:
+    """The explicit-cast fp16 graphs as they are, checked on the CPU: TensorRT builds its plans from them on the
+    machine that serves (`diffuserve build-engines`)."""
+    components, checked = {}, {}
+    for name, graph in fp16.items():
+        check_standard_ops(name, graph)
+        checked[name] = (graph, "cpu")
+        shapes = run.gate(TENSORRT_TARGET, name, checked[name], run.options.fp16_tolerance)
+        fp32_ops = run.options.fp32_ops_for(name)
+        components[name] = ComponentGraph(graph.relative_to(run.out).as_posix(), tuple(shapes), fp32_ops)
+    return TargetRecord("fp16", components, "final graph, onnxruntime CPUExecutionProvider"), checked
 
 
 def export_model(
@@ -407,18 +449,35 @@ def export_model(
         del text_encoder, unet, vae
         run.compute_references()
         cpu = cpu_target(run, fp32)
-        targets = {CPU_TARGET: cpu}
-        if CUDA_TARGET in options.targets:
-            cuda, checked_graphs = cuda_target(run, fp32, scratch)
-            checked = replace(manifest, targets={CPU_TARGET: cpu, CUDA_TARGET: cuda})
-            fp32_graphs = {name: (path, "cpu") for name, path in fp32.items()}
-            image = check_image(run, checked, fp32_graphs, checked_graphs)
-            targets[CUDA_TARGET] = replace(cuda, image_parity=image.to_dict())
+        targets = {CPU_TARGET: cpu, **fp16_targets(run, replace(manifest, targets={CPU_TARGET: cpu}), fp32, scratch)}
         targets = {name: record for name, record in targets.items() if name in options.targets}
     manifest = replace(manifest, targets=targets)
     manifest.save(out)
     report(f"wrote {out / MANIFEST_NAME} (targets {', '.join(targets)})")
     return manifest
+
+
+def fp16_targets(run: ExportRun, manifest: Manifest, fp32: dict[str, Path], scratch: Path) -> dict[str, TargetRecord]:
+    """The fp16 targets asked for, each gated per component and on its decoded image against the fp32 pipeline's."""
+    asked = [t for t in (CUDA_TARGET, TENSORRT_TARGET) if t in run.options.targets]
+    cuda_on_cpu = CUDA_TARGET in asked and not cuda_runs_here()
+    fp16 = None
+    if TENSORRT_TARGET in asked or cuda_on_cpu:
+        fp16 = explicit_fp16_graphs(run, fp32, run.out / TENSORRT_TARGET if TENSORRT_TARGET in asked else scratch)
+    fp32_graphs = {name: (path, "cpu") for name, path in fp32.items()}
+    targets, images = {}, {}
+    for target in asked:
+        if target == CUDA_TARGET:
+            record, checked = cuda_target(run, fp32, fp16 if cuda_on_cpu else None)
+        else:
+            record, checked = tensorrt_target(run, fp16)
+        # Where CUDA does not run, both targets check the same graphs on the CPU: one image gate serves both.
+        graphs = tuple(sorted(checked.items()))
+        if graphs not in images:
+            with_target = replace(manifest, targets={**manifest.targets, target: record})
+            images[graphs] = check_image(run, with_target, target, fp32_graphs, checked)
+        targets[target] = replace(record, image_parity=images[graphs].to_dict())
+    return targets
 
 
 def copy_runtime_files(src: Path, out: Path) -> None:
@@ -429,22 +488,22 @@ def copy_runtime_files(src: Path, out: Path) -> None:
 
 
 def check_image(
-    run: ExportRun, manifest: Manifest, fp32: dict[str, CheckedGraph], fp16: dict[str, CheckedGraph]
+    run: ExportRun, manifest: Manifest, target: str, fp32: dict[str, CheckedGraph], fp16: dict[str, CheckedGraph]
 ) -> ImageParity:
-    """The fp16 target's decoded image against the fp32 pipeline's on the same latents, at every size."""
+    """An fp16 target's decoded image against the fp32 pipeline's on the same latents, at every size."""
 
     def engines(graphs: dict[str, CheckedGraph]) -> Callable[[str], tuple[Engine, ...]]:
         return lambda name: load_checked(run, name, graphs[name])
 
     results = []
     for size in run.options.sizes:
-        result = image_parity(run.out, manifest, engines(fp32), engines(fp16), size)
-        run.report(f"{CUDA_TARGET}: decoded image at {format_size(size)} against fp32: {result.describe()}")
+        result = image_parity(run.out, manifest, engines(fp32), engines(fp16), size, target)
+        run.report(f"{target}: decoded image at {format_size(size)} against fp32: {result.describe()}")
         results.append(result)
     worst = min(results, key=lambda r: r.psnr_db)
     if worst.psnr_db < run.options.min_image_psnr:
         raise ParityError(
-            f"{CUDA_TARGET}: the fp16 pipeline's image is {worst.psnr_db:.1f} dB PSNR from the fp32 one, under the "
+            f"{target}: the fp16 pipeline's image is {worst.psnr_db:.1f} dB PSNR from the fp32 one, under the "
             f"required {run.options.min_image_psnr:g} dB; keep the overflowing ops in fp32 with --fp32-ops"
         )
     return worst

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import onnx
 
-from diffuserve.engine.manifest import TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
+from diffuserve.engine.manifest import TEXT_ENCODER, TIMESTEP, UNET, VAE_DECODER, VAE_ENCODER
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,66 @@ def quiet_optimizer() -> Iterator[None]:
         logging.disable(logging.NOTSET)
 
 
+# The ops that end the timestep embedding's float32 island: its first matrix product (time_embedding.linear_1).
+MATRIX_PRODUCTS = ("MatMul", "Gemm")
+
+
+def timestep_embedding_nodes(graph: onnx.GraphProto) -> list[str]:
+    """The nodes of the U-Net's sinusoidal timestep embedding, to keep in float32: from the `timestep` input up to its
+    first matrix product, plus the constants only they read. In fp16, t x frequency at t near 1000 is rounded to 0.5
+    and its sine is off by up to 0.25; diffusers' own fp16 pipeline computes this embedding in float32 too."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    island: dict[str, onnx.NodeProto] = {}
+    frontier = [TIMESTEP]
+    while frontier:
+        for node in consumers.get(frontier.pop(), []):
+            if node.op_type in MATRIX_PRODUCTS or node.name in island:
+                continue
+            island[node.name] = node
+            frontier.extend(node.output)
+    read_by_island = {name for node in island.values() for name in node.input}
+    constants = [
+        node.name
+        for node in graph.node
+        if node.op_type == "Constant"
+        and set(node.output) <= read_by_island
+        and all(c.name in island for out in node.output for c in consumers.get(out, []))
+    ]
+    return [*island, *constants]
+
+
+def drop_fp16_round_trips(graph: onnx.GraphProto) -> int:
+    """Removes Cast(to fp16) -> Cast(to fp32) pairs, which only round a float32 value to fp16: the converter leaves one
+    where a float32 island's input passed through a Cast of the original graph (the timestep's, rounded to 0.5 near
+    1000 otherwise). Returns how many it removed."""
+    float16, float32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    graph_outputs = {o.name for o in graph.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def cast_to(node: onnx.NodeProto) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    removed: list[onnx.NodeProto] = []
+    for down in graph.node:
+        readers = consumers.get(down.output[0], []) if cast_to(down) == float16 else []
+        if not readers or down.output[0] in graph_outputs or any(cast_to(r) != float32 for r in readers):
+            continue
+        for up in readers:
+            for reader in consumers.get(up.output[0], []):
+                reader.input[:] = [down.input[0] if i == up.output[0] else i for i in reader.input]
+            removed.append(up)
+        removed.append(down)
+    for node in removed:
+        graph.node.remove(node)
+    return sum(1 for node in removed if cast_to(node) == float16)
+
+
 def _fp16_block_list(fp32_ops: Sequence[str]) -> list[str]:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
 
@@ -72,8 +132,14 @@ def _fp16_block_list(fp32_ops: Sequence[str]) -> list[str]:
 
 
 def to_fp16(model, fp32_ops: Sequence[str]) -> onnx.ModelProto:
-    """fp16 inside, float32 at the graph's inputs and outputs, so the pipeline around it stays float32."""
-    model.convert_float_to_float16(keep_io_types=True, op_block_list=_fp16_block_list(fp32_ops))
+    """fp16 inside, float32 at the graph's inputs and outputs, so the pipeline around it stays float32; every change
+    of precision is an explicit Cast in the graph (what TensorRT's strongly typed networks build from)."""
+    model.convert_float_to_float16(
+        keep_io_types=True,
+        op_block_list=_fp16_block_list(fp32_ops),
+        node_block_list=timestep_embedding_nodes(model.model.graph),
+    )
+    drop_fp16_round_trips(model.model.graph)
     return model.model
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from diffuserve.engine.base import Engine
 from diffuserve.engine.loader import LoadedEngines
-from diffuserve.engine.manifest import CPU_TARGET, CUDA_TARGET, TIMESTEP, ComponentSpec, Manifest, Size, TensorSpec
+from diffuserve.engine.manifest import CPU_TARGET, TIMESTEP, ComponentSpec, Manifest, Size, TensorSpec
 
 # fp32 graphs agree with PyTorch to about 1e-6 on tiny models; full-size U-Nets accumulate more rounding across
 # hundreds of kernels, so the gate allows 1e-3 of the output's magnitude before calling the export broken.
@@ -135,6 +135,7 @@ def image_parity(
     fp32: Callable[[str], Sequence[Engine]],
     fp16: Callable[[str], Sequence[Engine]],
     size: Size,
+    target: str,
 ) -> ImageParity:
     """Renders one prompt through the server's own pipeline on both sets of engines (made by component name, one
     pipeline at a time so only one is in memory), same seed and sampler."""
@@ -152,4 +153,4 @@ def image_parity(
         return render(served, validate(request, {served.name: served}, served.name))
 
     reference = image(CPU_TARGET, fp32)
-    return compare_images(reference, image(CUDA_TARGET, fp16), size, IMAGE_PARITY_STEPS)
+    return compare_images(reference, image(target, fp16), size, IMAGE_PARITY_STEPS)

@@ -42,6 +42,15 @@ def tiny_cuda_export(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="session")
+def tiny_tensorrt_export(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The cpu and tensorrt targets at both sizes and two batch sizes: four profiles per image-sized component."""
+    out = tmp_path_factory.mktemp("exported") / f"{TINY_NAME}-tensorrt"
+    options = ExportOptions(sizes=TINY_SIZES, batches=(1, 2), targets=("cpu", "tensorrt"), name=TINY_NAME)
+    export_model(tiny_source, out, options)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_export: Path) -> ServedModel:
     return load_model(tiny_export, backend="cpu")
 
