@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .base import Engine
-from .manifest import CPU_TARGET, CUDA_TARGET, ComponentSpec, Manifest, TargetRecord
-from .ort import BACKENDS, CUDA, BackendUnavailableError, import_onnxruntime, load_cpu_engines
+from .manifest import CPU_TARGET, CUDA_TARGET, TENSORRT_TARGET, ComponentSpec, Manifest, TargetRecord
+from .ort import CUDA, BackendUnavailableError, import_onnxruntime, load_cpu_engines
+from .resident import ResidentEngines
 
 log = logging.getLogger(__name__)
 
-# The target whose graphs each backend runs.
-BACKEND_TARGETS = {"cpu": CPU_TARGET, "cuda": CUDA_TARGET}
+# The target whose graphs each backend runs, best first: the order `auto` tries them in.
+BACKEND_TARGETS = {"tensorrt": TENSORRT_TARGET, "cuda": CUDA_TARGET, "cpu": CPU_TARGET}
+BACKENDS = tuple(BACKEND_TARGETS)
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,8 @@ class LoadedEngines:
     backend: str
     target: str
     # Per component, one engine per (batch, size) shape, in the manifest's order; all share one copy of the weights.
-    engines: dict[str, tuple[Engine, ...]]
+    # A ResidentEngines in low memory: only the running stage's component is loaded.
+    engines: Mapping[str, tuple[Engine, ...]]
     providers: tuple[str, ...]
     device: str
     # Why this backend runs: asked for, or what `auto` found.
@@ -44,15 +48,29 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def tensorrt_installed() -> bool:
+    return importlib.util.find_spec("tensorrt") is not None
+
+
 def auto_candidates(manifest: Manifest) -> tuple[list[str], str]:
-    """The backends `auto` tries, best first, and why: CUDA where onnxruntime-gpu offers it and the folder has its
-    target, then the CPU."""
-    available = import_onnxruntime().get_available_providers()
-    if CUDA not in available:
-        return ["cpu"], "onnxruntime offers no CUDAExecutionProvider"
+    """The backends `auto` tries, best first, and why the others are not tried: TensorRT where it is installed and
+    the folder has its target, CUDA where onnxruntime-gpu offers it and the folder has its target, then the CPU."""
+    candidates, skipped = [], []
+    if TENSORRT_TARGET not in manifest.targets:
+        skipped.append(f"no {TENSORRT_TARGET!r} target (export it with --target tensorrt)")
+    elif not tensorrt_installed():
+        skipped.append("TensorRT is not installed")
+    else:
+        candidates.append("tensorrt")
     if CUDA_TARGET not in manifest.targets:
-        return ["cpu"], f"the model has no {CUDA_TARGET!r} target (export it with --target cuda)"
-    return ["cuda", "cpu"], "onnxruntime offers CUDAExecutionProvider"
+        skipped.append(f"no {CUDA_TARGET!r} target (export it with --target cuda)")
+    elif CUDA not in import_onnxruntime().get_available_providers():
+        skipped.append("onnxruntime offers no CUDAExecutionProvider")
+    else:
+        candidates.append("cuda")
+    candidates.append("cpu")
+    reason = f"auto: the first of {', '.join(candidates)} that runs here"
+    return candidates, reason + (f" (not tried: {'; '.join(skipped)})" if skipped else "")
 
 
 def load_component_engines(
@@ -74,6 +92,7 @@ def load_target(
     components: Sequence[str],
     threads: int | None,
     cuda_options,
+    level: int = logging.INFO,
 ) -> dict[str, tuple[Engine, ...]]:
     engines = {}
     for name in components:
@@ -82,8 +101,25 @@ def load_target(
         specs = [shape.spec for shape in graph.shapes]
         engines[name] = load_component_engines(folder / graph.graph_file, specs, backend, threads, cuda_options)
         elapsed = time.perf_counter() - start
-        log.info("%s/%s: %d shapes loaded on %s in %.1f s", model, name, len(specs), backend, elapsed)
+        log.log(level, "%s/%s: %d shapes loaded on %s in %.1f s", model, name, len(specs), backend, elapsed)
     return engines
+
+
+def load_tensorrt(folder: Path, manifest: Manifest, components: Sequence[str], options) -> dict:
+    """The tensorrt target's plans for this machine; with `build_missing`, built first when the folder lacks them."""
+    from .trt import PlanMismatchError, TrtOptions, load_tensorrt_engines
+
+    options = options or TrtOptions()
+    try:
+        return load_tensorrt_engines(folder, manifest, components, options)
+    except PlanMismatchError as e:
+        if not options.build_missing:
+            raise
+        from .trt_build import BuildOptions, build_plans
+
+        log.warning("%s: %s; building them now (--build-missing)", manifest.name, e)
+        build_plans(folder, BuildOptions.from_trt_options(options))
+        return load_tensorrt_engines(folder, Manifest.load(folder), components, options)
 
 
 def load_engines(
@@ -93,9 +129,12 @@ def load_engines(
     threads: int | None = None,
     cuda_options=None,
     manifest: Manifest | None = None,
+    trt_options=None,
+    low_memory: bool = False,
 ) -> LoadedEngines:
     """Loads every shape of the named components on the backend asked for; `auto` takes the best that really runs,
-    and an explicitly asked backend that does not really run is an error."""
+    and an explicitly asked backend that does not really run is an error. With `low_memory`, each component is loaded
+    once here and then only while its stage runs (ResidentEngines)."""
     folder = Path(folder)
     manifest = manifest or Manifest.load(folder)
     if backend == "auto":
@@ -106,12 +145,20 @@ def load_engines(
         raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
 
     def load_on(candidate: str, reason: str) -> LoadedEngines:
-        target = BACKEND_TARGETS[candidate]
-        record = manifest.require(target, components)
-        engines = load_target(folder, manifest.name, record, candidate, components, threads, cuda_options)
+        def load(names: Sequence[str]) -> dict[str, tuple[Engine, ...]]:
+            if candidate == "tensorrt":
+                return load_tensorrt(folder, manifest, names, trt_options)
+            record = manifest.require(BACKEND_TARGETS[candidate], names)
+            # Low memory loads a stage's engines on every request: not worth a line each at INFO.
+            level = logging.DEBUG if low_memory else logging.INFO
+            return load_target(folder, manifest.name, record, candidate, names, threads, cuda_options, level)
+
+        engines = ResidentEngines(load, components, manifest.name) if low_memory else load(components)
         first = engines[components[0]][0]
-        device = first.device if candidate == "cuda" else cpu_name()
-        return LoadedEngines(manifest, candidate, target, engines, tuple(first.providers), device, reason)
+        device = first.device if candidate != "cpu" else cpu_name()
+        return LoadedEngines(
+            manifest, candidate, BACKEND_TARGETS[candidate], engines, tuple(first.providers), device, reason
+        )
 
     # Every candidate but the last may fail to run here, and the next is tried; the last one's failure is the error.
     for candidate in candidates[:-1]:
@@ -119,5 +166,5 @@ def load_engines(
             return load_on(candidate, reason)
         except BackendUnavailableError as e:
             log.warning("%s: backend %s does not run here (%s); trying the next", manifest.name, candidate, e)
-            reason = f"{candidate} did not run: {e}"
+            reason = f"{reason}; {candidate} did not run: {e}"
     return load_on(candidates[-1], reason)

@@ -62,13 +62,24 @@ class ServerConfig:
     grace_s: float = 30.0
     # diffuserve.engine.ort_cuda.CudaOptions for the cuda backend (None: its defaults).
     cuda_options: Any = None
+    # diffuserve.engine.trt.TrtOptions for the tensorrt backend (None: its defaults).
+    trt_options: Any = None
+    # Only the running stage's engines resident, each stage loading its own: for boards with little shared memory.
+    low_memory: bool = False
 
 
 def load_models(config: ServerConfig) -> dict[str, ServedModel]:
     models: dict[str, ServedModel] = {}
     for folder in config.model_dirs:
         model = load_model(
-            folder, config.backend, config.threads, config.defaults, config.overrides, config.cuda_options
+            folder,
+            config.backend,
+            config.threads,
+            config.defaults,
+            config.overrides,
+            config.cuda_options,
+            config.trt_options,
+            low_memory=config.low_memory,
         )
         if len(model.name) > MAX_MODEL_NAME_CHARS:
             raise ValueError(f"{folder}: model names have at most {MAX_MODEL_NAME_CHARS} characters")
@@ -76,7 +87,7 @@ def load_models(config: ServerConfig) -> dict[str, ServedModel]:
             raise ValueError(f"two model folders are both named {model.name!r}: {models[model.name].folder}, {folder}")
         models[model.name] = model
         log.info(
-            "serving %s from %s: backend %s (%s), target %s (%s), on %s, sizes %s, batches %s",
+            "serving %s from %s: backend %s (%s), target %s (%s), on %s, sizes %s, batches %s%s",
             model.name,
             folder,
             model.backend,
@@ -86,6 +97,7 @@ def load_models(config: ServerConfig) -> dict[str, ServedModel]:
             model.device,
             ", ".join(format_size(size) for size in model.sizes),
             list(model.batch_sizes),
+            ", low memory: one stage's engines resident at a time" if model.low_memory else "",
         )
         log.info("%s: execution providers %s", model.name, ", ".join(model.providers))
     return models

@@ -1,4 +1,4 @@
-"""The `diffuserve` command: export, serve, generate, bench, demo."""
+"""The `diffuserve` command: export, build-engines, serve, generate, bench, demo."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from diffuserve.engine.loader import BACKENDS
 from diffuserve.engine.manifest import TARGETS
-from diffuserve.engine.ort import BACKENDS
 
 from .app import ServerConfig
 from .models import BUNDLED_MODEL, ModelDefaults
@@ -91,7 +91,34 @@ def cuda_options(args: argparse.Namespace):
     return CudaOptions(device_id=args.device_id, cuda_graph=not args.no_cuda_graph, extra=extra)
 
 
+def trt_options(args: argparse.Namespace):
+    """The tensorrt backend's options from --device-id, --no-cuda-graph and --build-missing."""
+    from diffuserve.engine.trt import TrtOptions
+
+    return TrtOptions(
+        device_id=args.device_id,
+        cuda_graph=not args.no_cuda_graph,
+        build_missing=getattr(args, "build_missing", False),
+    )
+
+
+def cmd_build_engines(args: argparse.Namespace) -> int:
+    from diffuserve.engine.ort import BackendUnavailableError
+    from diffuserve.engine.trt import TrtError
+    from diffuserve.engine.trt_build import BuildOptions, PlanBuildError, build_plans
+
+    try:
+        options = BuildOptions(args.device_id, args.workspace_gb, args.timing_cache, args.optimization_level)
+        build_plans(args.model, options, report=lambda line: print(line, file=sys.stderr, flush=True))
+    except (BackendUnavailableError, PlanBuildError, TrtError, ValueError, FileNotFoundError) as e:
+        print(f"build-engines failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    from diffuserve.engine.ort import BackendUnavailableError
+
     from .app import serve
 
     defaults = ModelDefaults(max_steps=args.max_steps, max_images=args.max_images)
@@ -106,11 +133,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         defaults=defaults,
         grace_s=args.grace,
         cuda_options=cuda_options(args),
+        trt_options=trt_options(args),
+        low_memory=args.low_memory,
         worker=WorkerConfig(
             queue_capacity=args.queue_capacity, batching=not args.no_batching, max_batch_wait_ms=args.max_batch_wait_ms
         ),
     )
-    serve(config)
+    try:
+        serve(config)
+    except (BackendUnavailableError, FileNotFoundError, ValueError) as e:
+        # What start-up refuses (a backend that does not run here, missing plans, a folder that is not a model).
+        print(f"serve: cannot start: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -165,7 +199,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.memory:
         from .tools.memory import memory_report
 
-        memory_report(args.model, args.backend, json_path=args.json)
+        memory_report(args.model, args.backend, json_path=args.json, low_memory=args.low_memory)
         return 0
     if args.faults:
         from .tools.robustness import FaultOptions, run_faults
@@ -188,6 +222,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         backend=args.backend,
         cuda_options=cuda_options(args),
+        trt_options=trt_options(args),
+        low_memory=args.low_memory,
     )
     run_bench(options, json_path=args.json)
     return 0
@@ -225,10 +261,18 @@ def add_backend_arguments(p: argparse.ArgumentParser, default: str) -> None:
         "--backend",
         choices=("auto", *BACKENDS),
         default=default,
-        help="auto: cuda where onnxruntime-gpu really runs and the model has a cuda target, else cpu",
+        help="auto: the first that really runs here of tensorrt (TensorRT installed, plans built for this GPU), cuda "
+        "(onnxruntime-gpu) and cpu, among the targets the model has",
     )
-    p.add_argument("--device-id", type=int, default=0, help="cuda: the GPU to run on")
-    p.add_argument("--no-cuda-graph", action="store_true", help="cuda: run the U-Net eagerly, without CUDA graphs")
+    p.add_argument("--device-id", type=int, default=0, help="cuda, tensorrt: the GPU to run on")
+    p.add_argument(
+        "--no-cuda-graph", action="store_true", help="cuda, tensorrt: run the U-Net eagerly, without CUDA graphs"
+    )
+    p.add_argument(
+        "--build-missing",
+        action="store_true",
+        help="tensorrt: build the plans a model lacks for this GPU at start (minutes) instead of refusing it",
+    )
     p.add_argument(
         "--cuda-option",
         action="append",
@@ -264,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--target",
         choices=TARGETS,
         action="append",
-        help="graphs to build: cpu (fp32) and/or cuda (fp16, fused for ONNX Runtime's CUDA provider); default cpu",
+        help="graphs to build: cpu (fp32), cuda (fp16, fused for ONNX Runtime's CUDA provider), tensorrt (fp16 with "
+        "explicit casts, for plans built on the serving GPU by build-engines); repeatable, default cpu",
     )
     p.add_argument(
         "--fp32-ops",
@@ -281,6 +326,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-steps", type=int, help="steps the model is meant to run with (recorded in the manifest)")
     p.add_argument("--default-guidance", type=float, help="its guidance scale (recorded in the manifest)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "build-engines", help="build TensorRT plans of an exported model's tensorrt target for this machine's GPU"
+    )
+    p.add_argument("model", help="a folder made by 'diffuserve export ... --target tensorrt'")
+    p.add_argument("--device-id", type=int, default=0, help="the GPU to build for (and on)")
+    p.add_argument("--workspace-gb", type=float, help="the builder's workspace limit (default: TensorRT's)")
+    p.add_argument(
+        "--timing-cache",
+        help="the timing cache to read and update (default: beside the plans, one per GPU architecture and TensorRT)",
+    )
+    p.add_argument(
+        "--optimization-level",
+        type=int,
+        default=3,
+        help="TensorRT's builder optimisation level, 0-5 (default 3, TensorRT's): higher searches longer",
+    )
+    p.set_defaults(func=cmd_build_engines)
 
     p = sub.add_parser("serve", help="serve exported models over gRPC")
     p.add_argument("models", nargs="*", help="folders made by 'diffuserve export' (default: the bundled model)")
@@ -307,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=WorkerConfig.max_batch_wait_ms,
         help="how long a request waits for batch company",
+    )
+    p.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="keep only the running stage's engines resident (text encoder, U-Net, VAE decoder in turn), each stage "
+        "loading its own as it begins: for boards with little shared memory (Jetson), at a load per stage per batch",
     )
     p.set_defaults(func=cmd_serve)
 
@@ -360,6 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory",
         action="store_true",
         help="instead: resident memory serving every exported batch size against the smallest alone",
+    )
+    p.add_argument(
+        "--low-memory",
+        action="store_true",
+        help="also time the same request as serve --low-memory runs it, interleaved with the usual (with --memory: "
+        "also its resident memory)",
     )
     add_backend_arguments(p, default="cpu")
     add_synthetic_arguments(p)

@@ -12,6 +12,7 @@ from typing import Any
 from diffuserve.engine.base import Engine
 from diffuserve.engine.loader import LoadedEngines, load_engines
 from diffuserve.engine.manifest import MANIFEST_NAME, TEXT_ENCODER, UNET, VAE_DECODER, Manifest, Size
+from diffuserve.engine.resident import ResidentEngines
 
 from .schedulers import SchedulerConfig, available_samplers, default_sampler_name
 from .tokenizer import ClipTokenizer
@@ -87,6 +88,11 @@ class ServedModel:
     def device(self) -> str:
         return self.loaded.device
 
+    @property
+    def low_memory(self) -> bool:
+        """Whether only the running stage's engines are resident (serve --low-memory)."""
+        return isinstance(self.loaded.engines, ResidentEngines)
+
     def engines(self, component: str, size: Size | None = None) -> tuple[Engine, ...]:
         """The component's engines, one per batch size, at one image size (all of them if it has no image size)."""
         engines = self.loaded.engines[component]
@@ -103,6 +109,8 @@ def load_model(
     defaults: ModelDefaults | None = None,
     overrides: Mapping[str, Any] | None = None,
     cuda_options=None,
+    trt_options=None,
+    low_memory: bool = False,
 ) -> ServedModel:
     folder = Path(folder)
     if folder.resolve() == BUNDLED_MODEL and not (folder / MANIFEST_NAME).is_file():
@@ -110,7 +118,9 @@ def load_model(
             f"the bundled model is not built at {BUNDLED_MODEL}: in a source checkout, run `make bundle` "
             "(it exports models/shapes-sd, which needs diffuserve[export]); installed wheels carry it built"
         )
-    loaded = load_engines(folder, TEXT_TO_IMAGE, backend, threads, cuda_options)
+    loaded = load_engines(
+        folder, TEXT_TO_IMAGE, backend, threads, cuda_options, trt_options=trt_options, low_memory=low_memory
+    )
     return served_model(folder, loaded, defaults, overrides)
 
 

@@ -213,7 +213,7 @@ def test_options_are_checked() -> None:
     with pytest.raises(ValueError, match="--batch"):
         tool.SyntheticOptions(batches=(0,))
     with pytest.raises(ValueError, match="--target"):
-        tool.SyntheticOptions(target="tensorrt")
+        tool.SyntheticOptions(target="tpu")
     options = tool.SyntheticOptions(kind="sd21", batches=(4, 1, 4), work="/tmp/w")
     assert options.batches == (1, 4) and options.export_dir == Path("/tmp/w/export-cpu")
 

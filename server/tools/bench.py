@@ -41,6 +41,9 @@ class BenchOptions:
     backend: str = "cpu"
     # diffuserve.engine.ort_cuda.CudaOptions for the cuda backend (None: its defaults).
     cuda_options: object = None
+    trt_options: object = None
+    # Also time the same request with only the running stage's engines resident (serve --low-memory).
+    low_memory: bool = False
 
 
 # The rows of the table, in the order of the pipeline.
@@ -70,8 +73,18 @@ def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
+def load_bench_model(options: BenchOptions, low_memory: bool = False) -> ServedModel:
+    return load_model(
+        options.model_dir,
+        backend=options.backend,
+        cuda_options=options.cuda_options,
+        trt_options=options.trt_options,
+        low_memory=low_memory,
+    )
+
+
 def bench_ours(options: BenchOptions) -> tuple[dict[str, float], GenerateParams, ServedModel, np.ndarray]:
-    model = load_model(options.model_dir, backend=options.backend, cuda_options=options.cuda_options)
+    model = load_bench_model(options)
     # The request a client would send, validated exactly as the server does it.
     request = pb.GenerateRequest(
         prompt=BENCH_PROMPT,
@@ -172,10 +185,12 @@ def noise_costs(model: ServedModel) -> dict[str, float]:
     }
 
 
-def format_table(ours: dict[str, float], reference: dict[str, float] | None) -> str:
-    header = f"{'stage':<24}{'diffuserve':>12}"
+def format_table(
+    ours: dict[str, float], reference: dict[str, float] | None, names: tuple[str, str] = ("diffuserve", "diffusers")
+) -> str:
+    header = f"{'stage':<24}{names[0]:>12}"
     if reference:
-        header += f"{'diffusers':>12}{'ratio':>8}"
+        header += f"{names[1]:>12}{'ratio':>8}"
     lines = [header, "-" * len(header)]
     for stage in STAGES:
         line = f"{stage:<24}{ours[stage]:>12.2f}"
@@ -220,9 +235,42 @@ def run_bench(options: BenchOptions, json_path: str | None = None) -> dict:
         + ", ".join(f"{mode} {ms:.3f} ms ({ms / ours['total_ms']:.2%} of a request)" for mode, ms in noise.items())
     )
     report.update(samplers=samplers, noise_ms=noise)
+    if options.low_memory:
+        report["low_memory"] = bench_low_memory(options, params, model)
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def bench_low_memory(options: BenchOptions, params: GenerateParams, resident: ServedModel) -> dict:
+    """The same request on the model with every engine resident and with one stage's at a time, runs interleaved
+    (and alternating which goes first) so drift hits both alike; what low memory costs, and that its images are the
+    same."""
+    low = load_bench_model(options, low_memory=True)
+    generate(low, params)  # warm-up, as for the resident model
+    resident_set = low.loaded.engines
+    loads_before, load_s_before = resident_set.loads, resident_set.load_s
+    models = {"resident": resident, "low_memory": low}
+    runs: dict[str, list] = {name: [] for name in models}
+    for index in range(options.runs):
+        for name in models if index % 2 == 0 else reversed(models):
+            runs[name].append(generate(models[name], params))
+    stages = {name: median_of([our_stages(r.times, options.steps) for r in results]) for name, results in runs.items()}
+    loads = (resident_set.loads - loads_before) / options.runs
+    load_ms = (resident_set.load_s - load_s_before) / options.runs * 1e3
+    difference = float(np.abs(runs["resident"][0].pixels - runs["low_memory"][0].pixels).max())
+    print()
+    print(
+        "low memory: the same request with one stage's engines resident at a time against all resident, "
+        f"median of {options.runs} interleaved runs (ms)"
+    )
+    print(format_table(stages["low_memory"], stages["resident"], names=("low memory", "resident")))
+    print(
+        f"engine loads per low-memory request: {loads:.1f}, {load_ms:.0f} ms in all (each counts in the stage that "
+        "needs it: the U-Net's in scheduler_ms_per_step, outside the calls); "
+        f"max |low memory - resident| on the image: {difference:g}"
+    )
+    return {**stages, "loads_per_request": loads, "load_ms_per_request": load_ms, "max_abs_difference": difference}
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """`diffuserve bench MODEL --memory`: resident memory with every exported batch size served against the smallest
-alone, each in a fresh process, after one request at each batch size and image size."""
+alone (and with --low-memory, with one stage's engines resident at a time), each in a fresh process, after one request
+at each batch size and image size."""
 
 from __future__ import annotations
 
@@ -67,13 +68,13 @@ def restricted_copy(folder: Path, batches: tuple[int, ...], dest: Path) -> Path:
     return dest
 
 
-def probe(folder: str, backend: str) -> dict:
+def probe(folder: str, backend: str, low_memory: bool = False) -> dict:
     """In this process: load, run one request per batch size and size, and report resident memory (MB)."""
     from ..models import load_model
     from ..params import validate
     from ..pipeline import generate
 
-    model = load_model(folder, backend=backend)
+    model = load_model(folder, backend=backend, low_memory=low_memory)
     for width, height in model.sizes:
         for batch in model.batch_sizes:
             request = pb.GenerateRequest(
@@ -89,13 +90,18 @@ def probe(folder: str, backend: str) -> dict:
     return report
 
 
-def measure(folder: Path, backend: str) -> dict:
-    code = f"import json; from {__name__} import probe; print(json.dumps(probe({str(folder)!r}, {backend!r})))"
+def measure(folder: Path, backend: str, low_memory: bool = False) -> dict:
+    call = f"probe({str(folder)!r}, {backend!r}, {low_memory!r})"
+    code = f"import json; from {__name__} import probe; print(json.dumps({call}))"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def memory_report(model_dir: str, backend: str = "cpu", json_path: str | None = None) -> dict:
+def memory_report(
+    model_dir: str, backend: str = "cpu", json_path: str | None = None, low_memory: bool = False
+) -> dict:
+    """Resident memory of every batch size against the smallest alone; with `low_memory`, also of every batch size
+    with one stage's engines resident at a time."""
     folder = Path(model_dir)
     manifest = Manifest.load(folder)
     smallest = manifest.batch_sizes[:1]
@@ -112,6 +118,10 @@ def memory_report(model_dir: str, backend: str = "cpu", json_path: str | None = 
         ],
         "rss_ratio": every["rss_mb"] / alone["rss_mb"],
     }
+    if low_memory:
+        low = measure(folder, backend, low_memory=True)
+        report["rows"].append({"batches": list(manifest.batch_sizes), "low_memory": True, **low})
+        report["low_memory_peak_ratio"] = low["peak_rss_mb"] / every["peak_rss_mb"]
     print(format_report(report))
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
@@ -122,13 +132,19 @@ def format_report(report: dict) -> str:
     lines = [
         f"model {report['model']} on {report['backend']}, sizes {', '.join(report['sizes'])}; "
         f"one request at each batch size and size, {PROBE_STEPS} steps, fresh process each",
-        f"{'batches served':<16}{'RSS MB':>10}{'peak MB':>10}{'GPU MB':>10}",
+        f"{'batches served':<24}{'RSS MB':>10}{'peak MB':>10}{'GPU MB':>10}",
     ]
     for row in report["rows"]:
         gpu = row.get("gpu_mb")
         lines.append(
-            f"{str(row['batches']):<16}{row['rss_mb']:>10.0f}{row['peak_rss_mb']:>10.0f}"
+            f"{row_label(row):<24}{row['rss_mb']:>10.0f}{row['peak_rss_mb']:>10.0f}"
             f"{(f'{gpu:.0f}' if gpu is not None else '-'):>10}"
         )
     lines.append(f"resident memory, all batch sizes against the smallest alone: {report['rss_ratio']:.2f}x")
+    if "low_memory_peak_ratio" in report:
+        lines.append(f"peak resident memory, low memory against all resident: {report['low_memory_peak_ratio']:.2f}x")
     return "\n".join(lines)
+
+
+def row_label(row: dict) -> str:
+    return str(row["batches"]) + (", low memory" if row.get("low_memory") else "")

@@ -41,15 +41,17 @@ log = logging.getLogger(__name__)
 
 # The kinds export/synthetic.py builds (tests check the two lists agree; this one needs no torch to import).
 SYNTHETIC_KINDS = ("sd15", "sd21")
-SYNTHETIC_TARGETS = ("cpu", "cuda")
+SYNTHETIC_TARGETS = ("cpu", "cuda", "tensorrt")
+# The targets that run on the GPU, where diffusers runs in fp16 on it too.
+GPU_TARGETS = ("cuda", "tensorrt")
 # Per target: (steps, timed runs). 30 steps is the common serving setting; on a CPU one guided U-Net call at 512x512
 # takes 12-17 s on 2 cores, so two steps already make a run of about a minute with the VAE decode.
-TARGET_DEFAULTS = {"cpu": (2, 1), "cuda": (30, 5)}
-# The graphs each target's export builds: the cuda target derives its fp16 graphs from the fp32 (cpu) export.
-EXPORT_TARGETS = {"cpu": ("cpu",), "cuda": ("cpu", "cuda")}
+TARGET_DEFAULTS = {"cpu": (2, 1), "cuda": (30, 5), "tensorrt": (30, 5)}
+# The graphs each target's export builds: the fp16 targets derive theirs from the fp32 (cpu) export.
+EXPORT_TARGETS = {"cpu": ("cpu",), "cuda": ("cpu", "cuda"), "tensorrt": ("cpu", "tensorrt")}
 # Least PSNR of our decoded image against diffusers' on the same latents: fp32 against fp32 agrees to float
 # rounding (far above 40 dB); fp16 against fp16 runs different kernels, and 30 dB is the exporter's own fp16 gate.
-MIN_IMAGE_PSNR_DB = {"cpu": 40.0, "cuda": 30.0}
+MIN_IMAGE_PSNR_DB = {"cpu": 40.0, "cuda": 30.0, "tensorrt": 30.0}
 # CUDA-graph replay against an eager run of the same session: the same kernels on the same buffers, so anything
 # beyond fp16 rounding of the output's magnitude means a replay read stale inputs or wrote elsewhere.
 GRAPH_TOLERANCE = 1e-3
@@ -101,6 +103,8 @@ class SyntheticOptions:
     reference: bool = True
     # engine.ort_cuda.CudaOptions for the cuda backend (device, CUDA graphs, provider options); None: its defaults.
     cuda_options: Any = None
+    # engine.trt.TrtOptions for the tensorrt backend; its plans are built on the first run (build_missing).
+    trt_options: Any = None
 
     def __post_init__(self) -> None:
         if self.kind not in SYNTHETIC_KINDS:
@@ -132,7 +136,7 @@ class SyntheticOptions:
 
     @property
     def device_id(self) -> int:
-        return getattr(self.cuda_options, "device_id", 0)
+        return getattr(self.cuda_options or self.trt_options, "device_id", 0)
 
 
 def default_work_dir(kind: str) -> Path:
@@ -316,8 +320,8 @@ def bench_diffusers(
         steps=options.steps,
         guidance_scale=BENCH_GUIDANCE,
         runs=options.runs,
-        device=f"cuda:{options.device_id}" if options.target == "cuda" else "cpu",
-        half=options.target == "cuda",
+        device=f"cuda:{options.device_id}" if options.target in GPU_TARGETS else "cpu",
+        half=options.target in GPU_TARGETS,
     )
     calls = run.unet_calls or ours.unet_calls
     rows = []
@@ -364,7 +368,7 @@ def image_agreement(ours: np.ndarray, reference: np.ndarray) -> dict[str, float]
 def cuda_graph_check(model: ServedModel, batch: int) -> dict[str, Any]:
     """The served U-Net's CUDA-graph replays against eager runs of the same session, on three different inputs (the
     first runs capture, later ones replay; a replay that ignored new inputs would repeat an old answer)."""
-    from diffuserve.engine.ort_cuda import graph_replay_difference
+    from diffuserve.engine.base import replay_difference
     from diffuserve.export.parity import random_feeds
 
     check: dict[str, Any] = {"name": "CUDA-graph replay equals eager U-Net", "batch": batch}
@@ -374,7 +378,7 @@ def cuda_graph_check(model: ServedModel, batch: int) -> dict[str, Any]:
         return {**check, "passed": None, "skipped": "the U-Net runs without CUDA graphs here (--no-cuda-graph?)"}
     feeds = [random_feeds(engine.spec, 1, 1000, seed) for seed in (0, 1, 2)]
     scale = max(1.0, float(np.abs(engine.run_eager(feeds[0])[MODEL_OUTPUT]).max()))
-    difference = graph_replay_difference(engine, feeds)
+    difference = replay_difference(engine, feeds)
     allowed = GRAPH_TOLERANCE * scale
     return {**check, "max_abs_diff_graph_vs_eager": difference, "allowed": allowed, "passed": difference <= allowed}
 
@@ -441,6 +445,7 @@ def environment(model: ServedModel, options: SyntheticOptions, reference: Mappin
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "gpu": gpu_name(options.device_id),
         "cuda_options": asdict(options.cuda_options) if options.cuda_options is not None else None,
+        "trt_options": asdict(options.trt_options) if options.trt_options is not None else None,
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": library_versions(),
@@ -458,12 +463,21 @@ def preflight(options: SyntheticOptions) -> None:
         from diffuserve.engine.ort_cuda import check_cuda_available
 
         check_cuda_available(options.device_id)
-    if options.target != "cuda" or not options.reference:
+    if options.backend == "tensorrt":
+        from diffuserve.engine.ort import BackendUnavailableError
+        from diffuserve.engine.trt import tensorrt_unavailable_reason
+
+        reason = tensorrt_unavailable_reason(options.device_id)
+        if reason:
+            raise BackendUnavailableError(reason)
+    if options.target not in GPU_TARGETS or not options.reference:
         return
     import torch
 
     if not torch.cuda.is_available():
-        raise SyntheticBenchError("--target cuda times diffusers on the GPU too, and torch sees no CUDA device here")
+        raise SyntheticBenchError(
+            f"--target {options.target} times diffusers on the GPU too, and torch sees no CUDA device here"
+        )
     # A CUDA context first, so neither side's GPU memory figure includes the context itself.
     torch.zeros(1, device=f"cuda:{options.device_id}")
 
@@ -472,12 +486,17 @@ def serve_and_time(options: SyntheticOptions) -> tuple[dict[str, OurRun], dict[s
     """Our pipeline: load, then every batch size; memory over all of it, as a server holding the model has it."""
     probe = MemoryProbe.start(options.device_id)
     start = time.perf_counter()
-    model = load_model(options.export_dir, backend=options.backend, cuda_options=options.cuda_options)
+    model = load_model(
+        options.export_dir,
+        backend=options.backend,
+        cuda_options=options.cuda_options,
+        trt_options=options.trt_options,
+    )
     load_s = time.perf_counter() - start
     runs = {batch: bench_ours(model, options, batch) for batch in options.batches}
     memory = {"load_s": load_s, **probe.stop().to_dict()}
     # After the memory figure: the check loads a second U-Net session.
-    checks = [cuda_graph_check(model, options.batches[0])] if model.backend == "cuda" else []
+    checks = [cuda_graph_check(model, options.batches[0])] if model.backend in GPU_TARGETS else []
     return runs, memory, checks, environment(model, options, None)
 
 
@@ -735,7 +754,7 @@ def add_synthetic_arguments(bench_parser: argparse.ArgumentParser) -> None:
         choices=SYNTHETIC_TARGETS,
         default="cpu",
         help="with --synthetic: the graphs to export and the device both pipelines run on (default cpu: 2 steps, 1 "
-        "run; cuda: 30 steps, 5 runs, diffusers in fp16)",
+        "run; cuda, tensorrt: 30 steps, 5 runs, diffusers in fp16; tensorrt builds its plans on the first run)",
     )
     bench_parser.add_argument(
         "--batch", type=int, action="append", help="with --synthetic: images per request; repeat (default 1)"
@@ -759,11 +778,17 @@ def given(args: argparse.Namespace, name: str) -> Any:
 
 def options_from_args(args: argparse.Namespace) -> SyntheticOptions:
     backend = given(args, "backend")
-    cuda = None
+    cuda = trt = None
     if "cuda" in (backend, args.target) or backend == "auto":
         from ..cli import cuda_options
 
         cuda = cuda_options(args)
+    if "tensorrt" in (backend, args.target) or backend == "auto":
+        from dataclasses import replace
+
+        from ..cli import trt_options
+
+        trt = replace(trt_options(args), build_missing=True)
     return SyntheticOptions(
         kind=args.synthetic,
         target=args.target,
@@ -774,6 +799,7 @@ def options_from_args(args: argparse.Namespace) -> SyntheticOptions:
         scheduler=getattr(args, "scheduler", None) or "euler",
         work=args.work,
         cuda_options=cuda,
+        trt_options=trt,
     )
 
 
