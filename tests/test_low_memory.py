@@ -231,3 +231,14 @@ def test_the_flag_reaches_the_server_config_and_its_load_log(
     assert model.low_memory
     assert "low memory: one stage's engines resident at a time" in caplog.text
     assert "loaded once at start: text_encoder in" in caplog.text
+
+
+def test_bench_times_the_same_request_both_ways_and_finds_the_same_image(tiny_export: Path, capsys) -> None:
+    from diffuserve.server.tools.bench import BenchOptions, run_bench
+
+    report = run_bench(BenchOptions(str(tiny_export), steps=2, runs=2, low_memory=True))
+    low = report["low_memory"]
+    # After the warm-up the VAE decoder is resident: every request loads all three stages.
+    assert low["loads_per_request"] == len(TEXT_TO_IMAGE) and low["max_abs_difference"] == 0
+    assert low["low_memory"]["total_ms"] > 0 and low["resident"]["total_ms"] > 0
+    assert "low memory    resident   ratio" in capsys.readouterr().out

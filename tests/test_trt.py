@@ -557,3 +557,24 @@ def test_on_the_gpu_cuda_graph_replay_equals_eager(tiny_source: Path, tmp_path: 
     output = unet.run(feeds[0])["model_output"]
     assert graph_replay_difference(unet, feeds) <= 1e-3 * float(np.max(np.abs(output)))
     assert unet.uses_cuda_graph
+
+
+def test_low_memory_releases_a_stages_contexts_and_buffers(built: Path, installed) -> None:
+    import gc
+
+    _, rt = installed
+    loaded = load_engines(built, TEXT_TO_IMAGE, "tensorrt", low_memory=True)
+    manifest = Manifest.load(built)
+
+    def host_buffers() -> int:
+        gc.collect()
+        return sum(1 for kind, _ in rt.allocations.values() if kind == "host")
+
+    for component in TEXT_TO_IMAGE:
+        engines = loaded.engines[component]
+        tensors = sum(len(e.spec.inputs) + len(e.spec.outputs) for e in engines)
+        del engines
+        # Only the resident stage's buffers exist: the previous stage's went with its engines.
+        assert host_buffers() == tensors, component
+    expected = render_on(built, load_tensorrt_engines(built, manifest, TEXT_TO_IMAGE), TENSORRT_TARGET, (128, 128))
+    np.testing.assert_array_equal(render_on(built, loaded.engines, TENSORRT_TARGET, (128, 128)), expected)
