@@ -105,13 +105,16 @@ def load_target(
     return engines
 
 
-def load_tensorrt(folder: Path, manifest: Manifest, components: Sequence[str], options) -> dict:
-    """The tensorrt target's plans for this machine; with `build_missing`, built first when the folder lacks them."""
+def load_tensorrt(
+    folder: Path, manifest: Manifest, components: Sequence[str], options
+) -> tuple[dict[str, tuple[Engine, ...]], Manifest]:
+    """The tensorrt target's plans for this machine; with `build_missing`, built first when the folder lacks them.
+    Returns the manifest they were loaded from: after a build, the one that records the new plans."""
     from .trt import PlanMismatchError, TrtOptions, load_tensorrt_engines
 
     options = options or TrtOptions()
     try:
-        return load_tensorrt_engines(folder, manifest, components, options)
+        return load_tensorrt_engines(folder, manifest, components, options), manifest
     except PlanMismatchError as e:
         if not options.build_missing:
             raise
@@ -119,7 +122,8 @@ def load_tensorrt(folder: Path, manifest: Manifest, components: Sequence[str], o
 
         log.warning("%s: %s; building them now (--build-missing)", manifest.name, e)
         build_plans(folder, BuildOptions.from_trt_options(options))
-        return load_tensorrt_engines(folder, Manifest.load(folder), components, options)
+        manifest = Manifest.load(folder)
+        return load_tensorrt_engines(folder, manifest, components, options), manifest
 
 
 def load_engines(
@@ -145,9 +149,13 @@ def load_engines(
         raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
 
     def load_on(candidate: str, reason: str) -> LoadedEngines:
+        # A build at start (--build-missing) writes a new manifest; later stage loads (--low-memory) must read it.
+        current = {"manifest": manifest}
+
         def load(names: Sequence[str]) -> dict[str, tuple[Engine, ...]]:
             if candidate == "tensorrt":
-                return load_tensorrt(folder, manifest, names, trt_options)
+                engines, current["manifest"] = load_tensorrt(folder, current["manifest"], names, trt_options)
+                return engines
             record = manifest.require(BACKEND_TARGETS[candidate], names)
             # Low memory loads a stage's engines on every request: not worth a line each at INFO.
             level = logging.DEBUG if low_memory else logging.INFO
@@ -157,7 +165,7 @@ def load_engines(
         first = engines[components[0]][0]
         device = first.device if candidate != "cpu" else cpu_name()
         return LoadedEngines(
-            manifest, candidate, BACKEND_TARGETS[candidate], engines, tuple(first.providers), device, reason
+            current["manifest"], candidate, BACKEND_TARGETS[candidate], engines, tuple(first.providers), device, reason
         )
 
     # Every candidate but the last may fail to run here, and the next is tried; the last one's failure is the error.

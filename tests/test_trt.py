@@ -578,3 +578,16 @@ def test_low_memory_releases_a_stages_contexts_and_buffers(built: Path, installe
         assert host_buffers() == tensors, component
     expected = render_on(built, load_tensorrt_engines(built, manifest, TEXT_TO_IMAGE), TENSORRT_TARGET, (128, 128))
     np.testing.assert_array_equal(render_on(built, loaded.engines, TENSORRT_TARGET, (128, 128)), expected)
+
+
+def test_build_missing_with_low_memory_builds_once(folder: Path, installed, monkeypatch) -> None:
+    from diffuserve.engine import trt_build
+
+    builds = []
+    real = trt_build.build_plans
+    monkeypatch.setattr(trt_build, "build_plans", lambda *a, **k: builds.append(1) or real(*a, **k))
+    options = TrtOptions(build_missing=True)
+    loaded = load_engines(folder, TEXT_TO_IMAGE, "tensorrt", trt_options=options, low_memory=True)
+    for component in (*TEXT_TO_IMAGE, *TEXT_TO_IMAGE):
+        assert loaded.engines[component]
+    assert len(builds) == 1 and loaded.manifest.targets[TENSORRT_TARGET].plans
