@@ -79,10 +79,6 @@ class CudaRuntime:
         name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
         return DeviceInfo(name.rstrip("\x00"), f"{props.major}.{props.minor}", int(props.totalGlobalMem))
 
-    def memory_used(self) -> int:
-        free, total = self.call("cudaMemGetInfo")
-        return int(total) - int(free)
-
     # Buffers are freed when their Python object goes (weakref.finalize), so a released engine returns its memory.
 
     def device_buffer(self, nbytes: int) -> DeviceBuffer:

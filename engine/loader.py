@@ -150,11 +150,12 @@ def load_engines(
 
     def load_on(candidate: str, reason: str) -> LoadedEngines:
         # A build at start (--build-missing) writes a new manifest; later stage loads (--low-memory) must read it.
-        current = {"manifest": manifest}
+        current = manifest
 
         def load(names: Sequence[str]) -> dict[str, tuple[Engine, ...]]:
+            nonlocal current
             if candidate == "tensorrt":
-                engines, current["manifest"] = load_tensorrt(folder, current["manifest"], names, trt_options)
+                engines, current = load_tensorrt(folder, current, names, trt_options)
                 return engines
             record = manifest.require(BACKEND_TARGETS[candidate], names)
             # Low memory loads a stage's engines on every request: not worth a line each at INFO.
@@ -165,7 +166,7 @@ def load_engines(
         first = engines[components[0]][0]
         device = first.device if candidate != "cpu" else cpu_name()
         return LoadedEngines(
-            current["manifest"], candidate, BACKEND_TARGETS[candidate], engines, tuple(first.providers), device, reason
+            current, candidate, BACKEND_TARGETS[candidate], engines, tuple(first.providers), device, reason
         )
 
     # Every candidate but the last may fail to run here, and the next is tried; the last one's failure is the error.

@@ -135,10 +135,6 @@ class FakeCudaRuntime(Recorded):
         props = cudaDeviceProp(self.name.encode(), major, minor, 141 * 2**30)
         return (self._record("cudaGetDeviceProperties") or cudaError_t.cudaSuccess), props
 
-    def cudaMemGetInfo(self):  # noqa: N802
-        used = sum(a.nbytes for kind, a in self.allocations.values() if kind == "device")
-        return cudaError_t.cudaSuccess, 141 * 2**30 - used, 141 * 2**30
-
     def _allocate(self, kind: str, size: int):
         failed = self._record("cudaMalloc" if kind == "device" else "cudaMallocHost")
         if failed:
