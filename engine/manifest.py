@@ -15,18 +15,42 @@ import numpy as np
 MANIFEST_NAME = "manifest.json"
 # Bumped when a field changes meaning, so an old runtime refuses a folder it would misread.
 # 3: per-target graphs (one graph per component and target, several sizes), sizes instead of one height/width.
-FORMAT_VERSION = 3
+# 4: model families (sd1, sd2, sdxl), U-Net shapes per rows and text length, the second text encoder, inpainting
+#    and guidance-embedding U-Nets.
+FORMAT_VERSION = 4
 
 # The component names used everywhere: specs, ONNX files, engines, manifest.
 TEXT_ENCODER = "text_encoder"
+TEXT_ENCODER_2 = "text_encoder_2"
 UNET = "unet"
 VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"
+# The components every family exports; SDXL adds its second text encoder.
 COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
+TEXT_ENCODERS = (TEXT_ENCODER, TEXT_ENCODER_2)
+
+# Model families: how a prompt becomes the U-Net's conditioning. SD 1.x and 2.x: one CLIP text encoder's last hidden
+# state; SDXL: two encoders' penultimate hidden states side by side, the second's pooled embedding and time ids.
+SD1 = "sd1"
+SD2 = "sd2"
+SDXL = "sdxl"
+FAMILIES = (SD1, SD2, SDXL)
+
+# Tasks: where the start latents come from and whether a mask blends or conditions each step.
+TXT2IMG = "txt2img"
+IMG2IMG = "img2img"
+INPAINT = "inpaint"
+TASKS = (TXT2IMG, IMG2IMG, INPAINT)
+# A U-Net trained for inpainting takes the latents, the mask and the masked image's latents stacked on channels.
+INPAINT_EXTRA_CHANNELS = 1
 
 # Tensor names: the same in the specs, the ONNX graphs, the engines' feeds and the pipeline (diffusers' names).
 INPUT_IDS = "input_ids"
 LAST_HIDDEN_STATE = "last_hidden_state"
+PENULTIMATE_HIDDEN_STATE = "penultimate_hidden_state"
+TEXT_EMBEDS = "text_embeds"
+TIME_IDS = "time_ids"
+TIMESTEP_COND = "timestep_cond"
 SAMPLE = "sample"
 TIMESTEP = "timestep"
 ENCODER_HIDDEN_STATES = "encoder_hidden_states"
@@ -48,12 +72,18 @@ TARGETS = (CPU_TARGET, CUDA_TARGET, TENSORRT_TARGET)
 
 # The dimensions each graph leaves symbolic, per component and tensor: one graph serves every batch and image size
 # the manifest lists, and a runtime that wants static shapes pins these names to one shape's values.
+_TEXT_AXES = {INPUT_IDS: {0: "batch"}, LAST_HIDDEN_STATE: {0: "batch"}, PENULTIMATE_HIDDEN_STATE: {0: "batch"}}
 SYMBOLIC_AXES: dict[str, dict[str, dict[int, str]]] = {
-    TEXT_ENCODER: {INPUT_IDS: {0: "batch"}, LAST_HIDDEN_STATE: {0: "batch"}},
+    TEXT_ENCODER: _TEXT_AXES,
+    TEXT_ENCODER_2: {**_TEXT_AXES, TEXT_EMBEDS: {0: "batch"}},
     UNET: {
         SAMPLE: {0: "unet_batch", 2: "latent_height", 3: "latent_width"},
         TIMESTEP: {0: "unet_batch"},
-        ENCODER_HIDDEN_STATES: {0: "unet_batch"},
+        # Long prompts: the text length is a multiple of the encoder's 77 tokens, one shape per length served.
+        ENCODER_HIDDEN_STATES: {0: "unet_batch", 1: "text_length"},
+        TEXT_EMBEDS: {0: "unet_batch"},
+        TIME_IDS: {0: "unet_batch"},
+        TIMESTEP_COND: {0: "unet_batch"},
         MODEL_OUTPUT: {0: "unet_batch", 2: "latent_height", 3: "latent_width"},
     },
     VAE_DECODER: {
@@ -131,15 +161,25 @@ class ShapeRecord:
     """One (batch, image size) a component's graph serves: its static contract there, and the parity measured."""
 
     spec: ComponentSpec
-    # Images per call (the U-Net's spec has twice the rows, for guidance).
+    # Images per call. The U-Net has a shape for each batch at its rows (no guidance) and twice its rows (guidance).
     batch: int
     # The image size (width, height) it serves; None for a component whose shapes do not depend on it (text).
     size: Size | None
     parity: Mapping[str, float] = field(default_factory=dict)
 
-    def serves(self, size: Size) -> bool:
-        """Whether requests of this image size (width, height) run on this shape."""
-        return self.size is None or self.size == tuple(size)
+    def serves(self, size: Size, text_length: int | None = None) -> bool:
+        """Whether requests of this image size (width, height) and, for the U-Net, text length run on this shape."""
+        return (self.size is None or self.size == tuple(size)) and (
+            text_length is None or self.text_length in (None, text_length)
+        )
+
+    @property
+    def text_length(self) -> int | None:
+        """The tokens of text conditioning this shape takes (the U-Net's), None for other components."""
+        for tensor in self.spec.inputs:
+            if tensor.name == ENCODER_HIDDEN_STATES:
+                return tensor.shape[1]
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         size = list(self.size) if self.size else None
@@ -159,18 +199,21 @@ class ComponentGraph:
     shapes: tuple[ShapeRecord, ...]
     # Op types left in float32 inside an fp16 graph, where fp16 would overflow.
     fp32_ops: tuple[str, ...] = ()
+    # The graph's own precision where it differs from its target's ("fp32": the SDXL VAE in an fp16 target).
+    precision: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "graph_file": self.graph_file,
             "fp32_ops": list(self.fp32_ops),
+            "precision": self.precision,
             "shapes": [shape.to_dict() for shape in self.shapes],
         }
 
     @classmethod
     def from_dict(cls, component: str, d: Mapping[str, Any]) -> ComponentGraph:
         shapes = tuple(ShapeRecord.from_dict(component, s) for s in d["shapes"])
-        return cls(d["graph_file"], shapes, tuple(d.get("fp32_ops", ())))
+        return cls(d["graph_file"], shapes, tuple(d.get("fp32_ops", ())), d.get("precision", ""))
 
 
 @dataclass(frozen=True)
@@ -300,10 +343,36 @@ class Manifest:
     latent_rgb: tuple[tuple[float, ...], ...] = ()
     # Request defaults the model was made for, e.g. {"steps": 20, "guidance_scale": 3.0}; the server's otherwise.
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    # Lengths of text conditioning the U-Net takes, in tokens, ascending: 77 per chunk of a long prompt.
+    text_lengths: tuple[int, ...] = (77,)
+    # The U-Net's input channels: latent_channels, or that plus the mask and masked-image latents (inpainting).
+    unet_in_channels: int = 4
+    # Width of the U-Net's guidance-scale embedding (LCM's timestep_cond); 0: guidance is classifier-free.
+    timestep_cond_dim: int = 0
+    # SDXL: an empty negative prompt conditions on zeros instead of the encoded empty text.
+    force_zeros_for_empty_prompt: bool = False
 
     @property
     def default_size(self) -> Size:
         return self.sizes[0]
+
+    @property
+    def inpainting_unet(self) -> bool:
+        return self.unet_in_channels == self.latent_channels * 2 + INPAINT_EXTRA_CHANNELS
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """What requests the model serves: an inpainting U-Net only inpaints; the others need the VAE encoder for
+        anything but text-to-image."""
+        has_encoder = all(VAE_ENCODER in target.components for target in self.targets.values())
+        if self.inpainting_unet:
+            return (INPAINT,) if has_encoder else ()
+        return (TXT2IMG, IMG2IMG, INPAINT) if has_encoder else (TXT2IMG,)
+
+    @property
+    def text_encoders(self) -> tuple[str, ...]:
+        """The text encoders the family conditions on, in order."""
+        return TEXT_ENCODERS if self.family == SDXL else (TEXT_ENCODER,)
 
     def latent_shape(self, size: Size) -> tuple[int, int, int]:
         """One image's latent shape (channels, height, width) at an image size (width, height)."""
@@ -314,6 +383,9 @@ class Manifest:
         d = {k: v for k, v in asdict(self).items() if k != "targets"}
         d["format_version"] = FORMAT_VERSION
         d["sizes"] = [list(size) for size in self.sizes]
+        d["text_lengths"] = list(self.text_lengths)
+        # Derived, not read back: written for readers of the file (and tools without this class) to see.
+        d["tasks"] = list(self.tasks)
         d["targets"] = {name: target.to_dict() for name, target in self.targets.items()}
         return d
 
@@ -329,6 +401,7 @@ class Manifest:
         fields["sizes"] = tuple(tuple(size) for size in fields["sizes"])
         fields["batch_sizes"] = tuple(fields["batch_sizes"])
         fields["latent_rgb"] = tuple(tuple(row) for row in fields.get("latent_rgb", ()))
+        fields["text_lengths"] = tuple(fields.get("text_lengths", (77,)))
         return cls(targets={name: TargetRecord.from_dict(t) for name, t in d["targets"].items()}, **fields)
 
     def target(self, name: str) -> TargetRecord:

@@ -26,10 +26,13 @@ from diffuserve.engine.manifest import (
     CPU_TARGET,
     CUDA_TARGET,
     MANIFEST_NAME,
+    SDXL,
     SYMBOLIC_AXES,
     TARGETS,
     TENSORRT_TARGET,
-    TEXT_ENCODER,
+    UNET,
+    VAE_DECODER,
+    VAE_ENCODER,
     ComponentGraph,
     ComponentSpec,
     Manifest,
@@ -40,6 +43,7 @@ from diffuserve.engine.manifest import (
 )
 from diffuserve.engine.versions import installed_versions
 
+from .families import ExportError, SourceModel, check_unet, load_modules, model_dims, read_source
 from .graphs import DEFAULT_FP32_OPS, fused_fp16_graph, save_graph, unfused_fp16_graph
 from .parity import (
     DEFAULT_MIN_IMAGE_PSNR,
@@ -53,7 +57,7 @@ from .parity import (
     reference_outputs,
 )
 from .previews import fit_latent_rgb
-from .specs import ModelDims, check_image_size, component_specs
+from .specs import ModelDims, check_text_length, text_encoder_spec, unet_spec, vae_specs
 from .wrappers import wrap_components
 
 log = logging.getLogger(__name__)
@@ -62,17 +66,10 @@ log = logging.getLogger(__name__)
 # it writes, and it names symbolic dimensions so one graph serves every shape; the dynamo exporter's graphs fused
 # almost nothing (see NOTES). Opset 17 is the newest it writes LayerNormalization for.
 OPSET = 17
-# The classes a Stable Diffusion 1.x/2.x folder must name in model_index.json for this exporter.
-EXPECTED_CLASSES = {"text_encoder": "CLIPTextModel", "unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 # Precision of each target's graphs.
 TARGET_PRECISION = {CPU_TARGET: "fp32", CUDA_TARGET: "fp16", TENSORRT_TARGET: "fp16"}
 # The ONNX domains TensorRT's parser reads (the standard operator set); a graph with ops of another is not built.
 TENSORRT_DOMAINS = ("", "ai.onnx")
-
-
-class ExportError(RuntimeError):
-    """The source folder cannot be exported as asked; the message says what to change."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +87,11 @@ class ExportOptions:
     name: str | None = None
     default_steps: int | None = None
     default_guidance_scale: float | None = None
+    # Tokens of text conditioning the U-Net takes, each a shape: a prompt of k chunks of 75 tokens needs 77k. None:
+    # one and two chunks of the model's text encoder.
+    text_lengths: tuple[int, ...] | None = None
+    # SDXL's VAE overflows in fp16, so fp16 targets keep it fp32; a model bringing an fp16-safe VAE sets this.
+    fp16_vae: bool = False
 
     def __post_init__(self) -> None:
         if not self.batches or any(b < 1 for b in self.batches):
@@ -113,79 +115,14 @@ class ExportOptions:
         given = {"steps": self.default_steps, "guidance_scale": self.default_guidance_scale}
         return {key: value for key, value in given.items() if value is not None}
 
+    def lengths_for(self, dims: ModelDims) -> tuple[int, ...]:
+        lengths = self.text_lengths or (dims.text_seq_len, 2 * dims.text_seq_len)
+        for length in lengths:
+            check_text_length(dims, length)
+        return tuple(sorted(set(lengths)))
+
     def fp32_ops_for(self, component: str) -> tuple[str, ...]:
         return tuple(dict.fromkeys((*DEFAULT_FP32_OPS[component], *self.fp32_ops.get(component, ()))))
-
-
-def read_model_index(src: Path) -> dict:
-    index_path = src / "model_index.json"
-    if not index_path.is_file():
-        raise ExportError(f"{src}: no model_index.json; expected a diffusers model folder")
-    index = json.loads(index_path.read_text())
-    for part, cls in EXPECTED_CLASSES.items():
-        declared = index.get(part, [None, None])[1]
-        if declared != cls:
-            raise ExportError(f"{src}: model_index.json names {part} as {declared!r}; diffuserve exports {cls}")
-    return index
-
-
-def check_safetensors(src: Path, part: str) -> None:
-    """Pickled weights can run arbitrary code when loaded, so only safetensors are accepted."""
-    folder = src / part
-    if any(folder.glob("*.safetensors")):
-        return
-    pickles = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise ExportError(
-            f"{folder}: only pickle weights ({', '.join(pickles)}); diffuserve loads safetensors only. "
-            "Convert them first (load with diffusers and save_pretrained(..., safe_serialization=True))."
-        )
-    raise ExportError(f"{folder}: no *.safetensors weights found")
-
-
-def load_components(src: Path) -> tuple[nn.Module, nn.Module, nn.Module]:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    for part in EXPECTED_CLASSES:
-        check_safetensors(src, part)
-    from diffusers.models.attention_processor import AttnProcessor
-
-    load = {"use_safetensors": True, "dtype": torch.float32}
-    text_encoder = CLIPTextModel.from_pretrained(src / "text_encoder", **load)
-    unet = UNet2DConditionModel.from_pretrained(src / "unet", **load)
-    vae = AutoencoderKL.from_pretrained(src / "vae", **load)
-    # Plain matmul-softmax attention instead of torch's fused SDPA: the attention fusions of onnxruntime.transformers
-    # match this pattern (they found none in SDPA's graph), and the numbers are the same to float32 rounding.
-    for module in (unet, vae):
-        module.set_attn_processor(AttnProcessor())
-    return text_encoder.eval(), unet.eval(), vae.eval()
-
-
-def tokenizer_max_length(src: Path, fallback: int) -> int:
-    config_path = src / "tokenizer" / "tokenizer_config.json"
-    length = (
-        json.loads(config_path.read_text()).get("model_max_length", fallback) if config_path.is_file() else fallback
-    )
-    # transformers writes a huge sentinel when the length is unset.
-    return int(length) if length and length < 1_000_000 else fallback
-
-
-def model_dims(src: Path, text_encoder: nn.Module, unet: nn.Module, vae: nn.Module) -> ModelDims:
-    scheduler = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
-    max_positions = text_encoder.config.max_position_embeddings
-    return ModelDims(
-        text_seq_len=min(tokenizer_max_length(src, max_positions), max_positions),
-        text_hidden_size=text_encoder.config.hidden_size,
-        vocab_size=text_encoder.config.vocab_size,
-        latent_channels=vae.config.latent_channels,
-        unet_out_channels=unet.config.out_channels,
-        cross_attention_dim=unet.config.cross_attention_dim,
-        image_channels=vae.config.in_channels,
-        vae_downsample=2 ** (len(vae.config.block_out_channels) - 1),
-        unet_downsample=2 ** (len(unet.config.block_out_channels) - 1),
-        num_train_timesteps=scheduler.get("num_train_timesteps", 1000),
-    )
 
 
 def export_onnx(module: nn.Module, spec: ComponentSpec, path: Path) -> None:
@@ -232,10 +169,10 @@ def declare_io_shapes(model: onnx.ModelProto, spec: ComponentSpec) -> None:
 
 
 def source_hash(src: Path) -> str:
-    """sha256 over the configs and weights export read, so a manifest names exactly what it was built from."""
+    """sha256 over the configs and weights export reads, so a manifest names exactly what it was built from."""
     digest = hashlib.sha256()
     files = [src / "model_index.json", src / "scheduler" / "scheduler_config.json"]
-    for part in EXPECTED_CLASSES:
+    for part in read_source(src).parts:
         files += sorted((src / part).glob("*.json")) + sorted((src / part).glob("*.safetensors"))
     for path in files:
         digest.update(path.relative_to(src).as_posix().encode())
@@ -249,16 +186,28 @@ def versions() -> dict[str, str]:
     return installed_versions(("diffuserve", "torch", "diffusers", "transformers", "onnx", "onnxruntime"))
 
 
-def shape_specs(dims: ModelDims, options: ExportOptions) -> dict[str, list[tuple[int, Size | None, ComponentSpec]]]:
-    """Every (batch, size) each component serves; the text encoder's shapes do not depend on the image size."""
-    shapes: dict[str, dict[tuple[int, Size | None], ComponentSpec]] = {}
-    for width, height in options.sizes:
-        check_image_size(dims, height, width)
+Shapes = dict[str, list[tuple[int, Size | None, ComponentSpec]]]
+
+
+def shape_specs(dims: ModelDims, options: ExportOptions) -> Shapes:
+    """Every (batch, size) each component serves, each spec once. The text encoders' shapes do not depend on the image
+    size; the U-Net has one per text length and per rows: a batch's images, and twice that for guidance."""
+    shapes: dict[str, dict[ComponentSpec, tuple[int, Size | None]]] = {}
+
+    def add(spec: ComponentSpec, batch: int, size: Size | None) -> None:
+        shapes.setdefault(spec.name, {}).setdefault(spec, (batch, size))
+
+    for batch in options.batches:
+        for encoder in dims.text_encoders:
+            add(text_encoder_spec(dims, encoder, batch), batch, None)
+    for size in options.sizes:
+        for length in options.lengths_for(dims):
+            for rows, batch in sorted({(rows, b) for b in options.batches for rows in (b, 2 * b)}):
+                add(unet_spec(dims, size, rows, length), batch, size)
         for batch in options.batches:
-            for name, spec in component_specs(dims, height, width, batch).items():
-                size = None if name == TEXT_ENCODER else (width, height)
-                shapes.setdefault(name, {}).setdefault((batch, size), spec)
-    return {name: [(batch, size, spec) for (batch, size), spec in specs.items()] for name, specs in shapes.items()}
+            for spec in vae_specs(dims, size, batch).values():
+                add(spec, batch, size)
+    return {name: [(batch, size, spec) for spec, (batch, size) in specs.items()] for name, specs in shapes.items()}
 
 
 # A graph as the gates run it: its file and the backend it runs on here.
@@ -272,10 +221,12 @@ class ExportRun:
     out: Path
     options: ExportOptions
     modules: dict[str, nn.Module]
-    shapes: dict[str, list[tuple[int, Size | None, ComponentSpec]]]
+    shapes: Shapes
     dims: ModelDims
     report: Callable[[str], None]
-    # (component, batch, size) -> the random feeds and PyTorch's outputs on them.
+    # Components the fp16 targets keep in fp32 (their fp32 graph as it is).
+    fp32_components: tuple[str, ...] = ()
+    # spec -> the random feeds and PyTorch's outputs on them.
     references: dict = field(default_factory=dict)
     # (component, graph, backend, tolerance) -> the shapes' parity records.
     gated: dict = field(default_factory=dict)
@@ -284,9 +235,9 @@ class ExportRun:
         """PyTorch's outputs for every shape's random feeds, once for all targets; then the torch modules go, so
         fusing a full-size U-Net does not share memory with them."""
         for name, shapes in self.shapes.items():
-            for batch, size, spec in shapes:
+            for *_, spec in shapes:
                 feeds = random_feeds(spec, self.dims.vocab_size, self.dims.num_train_timesteps)
-                self.references[(name, batch, size)] = (feeds, reference_outputs(self.modules[name], spec, feeds))
+                self.references[spec] = (feeds, reference_outputs(self.modules[name], spec, feeds))
         self.modules.clear()
         gc.collect()
 
@@ -301,9 +252,10 @@ class ExportRun:
     def _gate(self, target: str, name: str, engines: Sequence[Engine], tolerance: float) -> list[ShapeRecord]:
         records = []
         for (batch, size, spec), engine in zip(self.shapes[name], engines, strict=True):
-            feeds, reference = self.references[(name, batch, size)]
+            feeds, reference = self.references[spec]
             parity = compare_outputs(engine, feeds, reference, tolerance)
-            where = f"{target}/{name} batch {batch}" + (f" {format_size(size)}" if size else "")
+            shape = ShapeRecord(spec, batch, size, parity.to_dict())
+            where = f"{target}/{shape_label(shape)}"
             self.report(
                 f"{where}: parity max|torch - onnxruntime| = {parity.max_abs_diff:.2e} "
                 f"(allowed {parity.allowed:.2e}) {'ok' if parity.passed else 'FAILED'}"
@@ -313,8 +265,16 @@ class ExportRun:
                     f"{where}: ONNX Runtime differs from PyTorch by {parity.max_abs_diff:.3e}, over the allowed "
                     f"{parity.tolerance:g} x {parity.reference_scale:.3g}; the export is not usable"
                 )
-            records.append(ShapeRecord(spec, batch, size, parity.to_dict()))
+            records.append(shape)
         return records
+
+
+def shape_label(shape: ShapeRecord) -> str:
+    """How reports and errors name one shape; the U-Net's also by its rows and text length, as a batch has several."""
+    label = f"{shape.spec.name} batch {shape.batch}" + (f" {format_size(shape.size)}" if shape.size else "")
+    if shape.spec.name != UNET:
+        return label
+    return f"{label} ({shape.spec.batch_size} rows, {shape.text_length} tokens)"
 
 
 def export_fp32(run: ExportRun, folder: Path) -> dict[str, Path]:
@@ -358,9 +318,24 @@ def explicit_fp16_graphs(run: ExportRun, fp32: dict[str, Path], folder: Path) ->
     for name, graph in fp32.items():
         start = time.perf_counter()
         graphs[name] = folder / f"{name}.onnx"
+        if name in run.fp32_components:
+            save_graph(onnx.load(str(graph)), graphs[name])
+            run.report(f"{name}: kept in fp32")
+            continue
         save_graph(unfused_fp16_graph(graph, run.options.fp32_ops_for(name)), graphs[name])
         run.report(f"{name}: converted to fp16 with explicit casts in {time.perf_counter() - start:.1f} s")
     return graphs
+
+
+def component_record(run: ExportRun, name: str, graph: Path, shapes: Sequence[ShapeRecord]) -> ComponentGraph:
+    """An fp16 target's entry for one component: its graph, shapes and what stayed in fp32."""
+    if name in run.fp32_components:
+        return ComponentGraph(graph.relative_to(run.out).as_posix(), tuple(shapes), precision="fp32")
+    return ComponentGraph(graph.relative_to(run.out).as_posix(), tuple(shapes), run.options.fp32_ops_for(name))
+
+
+def gate_tolerance(run: ExportRun, name: str) -> float:
+    return run.options.parity_tolerance if name in run.fp32_components else run.options.fp16_tolerance
 
 
 def cuda_target(
@@ -371,14 +346,16 @@ def cuda_target(
     components, checked = {}, {}
     for name, graph in fp32.items():
         start = time.perf_counter()
-        fp32_ops = run.options.fp32_ops_for(name)
         final = run.out / CUDA_TARGET / f"{name}.onnx"
-        save_graph(fused_fp16_graph(graph, name, fp32_ops), final)
-        run.report(f"{CUDA_TARGET}/{name}: fused and converted to fp16 in {time.perf_counter() - start:.1f} s")
+        if name in run.fp32_components:
+            save_graph(onnx.load(str(graph)), final)
+        else:
+            save_graph(fused_fp16_graph(graph, name, run.options.fp32_ops_for(name)), final)
+            run.report(f"{CUDA_TARGET}/{name}: fused and converted to fp16 in {time.perf_counter() - start:.1f} s")
         checked[name] = (fp16[name], "cpu") if fp16 else (final, "cuda")
         # A CpuPlacementError here is a broken export (CUDA runs, the graph would not): it propagates.
-        shapes = run.gate(CUDA_TARGET, name, checked[name], run.options.fp16_tolerance)
-        components[name] = ComponentGraph(final.relative_to(run.out).as_posix(), tuple(shapes), fp32_ops)
+        shapes = run.gate(CUDA_TARGET, name, checked[name], gate_tolerance(run, name))
+        components[name] = component_record(run, name, final, shapes)
     checked_with = (
         "fp16 graph before fusion, onnxruntime CPUExecutionProvider"
         if fp16
@@ -402,9 +379,8 @@ def tensorrt_target(run: ExportRun, fp16: dict[str, Path]) -> tuple[TargetRecord
     for name, graph in fp16.items():
         check_standard_ops(name, graph)
         checked[name] = (graph, "cpu")
-        shapes = run.gate(TENSORRT_TARGET, name, checked[name], run.options.fp16_tolerance)
-        fp32_ops = run.options.fp32_ops_for(name)
-        components[name] = ComponentGraph(graph.relative_to(run.out).as_posix(), tuple(shapes), fp32_ops)
+        shapes = run.gate(TENSORRT_TARGET, name, checked[name], gate_tolerance(run, name))
+        components[name] = component_record(run, name, graph, shapes)
     return TargetRecord("fp16", components, "final graph, onnxruntime CPUExecutionProvider"), checked
 
 
@@ -414,39 +390,24 @@ def export_model(
     """Exports every component once in fp32, derives each target's graphs and checks them against PyTorch, then
     writes the manifest (last: it marks completion)."""
     src, out = Path(src), Path(out)
-    read_model_index(src)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
-    for target in TARGETS:
-        shutil.rmtree(out / target, ignore_errors=True)
-
-    text_encoder, unet, vae = load_components(src)
-    dims = model_dims(src, text_encoder, unet, vae)
-    run = ExportRun(out, options, wrap_components(text_encoder, unet, vae), shape_specs(dims, options), dims, report)
-    copy_runtime_files(src, out)
-    scheduler = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
-    manifest = Manifest(
-        name=options.name or src.resolve().name,
-        family="sd",
-        prediction_type=scheduler.get("prediction_type", "epsilon"),
-        vae_scaling_factor=float(vae.config.scaling_factor),
-        vae_shift_factor=float(getattr(vae.config, "shift_factor", None) or 0.0),
-        latent_channels=dims.latent_channels,
-        vae_downsample=dims.vae_downsample,
-        sizes=options.sizes,
-        batch_sizes=options.batches,
-        targets={},
-        source={"path": str(src), "sha256": source_hash(src)},
-        versions=versions(),
-        defaults=options.request_defaults,
-        latent_rgb=fit_latent_rgb(vae, options.sizes[0][1], options.sizes[0][0]),
-    )
+    source = read_source(src)
+    modules = load_modules(source)
+    dims = model_dims(source, modules)
+    check_unet(source, dims, modules["unet"].config)
+    shapes = shape_specs(dims, options)
+    manifest = source_manifest(source, dims, modules["vae"], options)
+    run = ExportRun(out, options, wrap_components(modules, dims), shapes, dims, report)
+    run.fp32_components = fp32_components(source, options)
+    del modules
+    # Only once the model is known to fit does the export replace what the folder held.
+    clear_output(out)
+    copy_runtime_files(source, out)
+    report(f"{src.name}: family {source.family} ({source.pipeline_class}), U-Net {dims.unet_in_channels} channels")
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
         scratch = Path(tmp)
         # The cpu target is the fp32 export itself; other targets derive from it (kept aside when not served).
         fp32_folder = out / CPU_TARGET if CPU_TARGET in options.targets else scratch / "fp32"
         fp32 = export_fp32(run, fp32_folder)
-        del text_encoder, unet, vae
         run.compute_references()
         cpu = cpu_target(run, fp32)
         targets = {CPU_TARGET: cpu, **fp16_targets(run, replace(manifest, targets={CPU_TARGET: cpu}), fp32, scratch)}
@@ -455,6 +416,39 @@ def export_model(
     manifest.save(out)
     report(f"wrote {out / MANIFEST_NAME} (targets {', '.join(targets)})")
     return manifest
+
+
+def source_manifest(source: SourceModel, dims: ModelDims, vae: nn.Module, options: ExportOptions) -> Manifest:
+    """Everything the manifest says about the model itself, before any target is built."""
+    scheduler = json.loads((source.folder / "scheduler" / "scheduler_config.json").read_text())
+    return Manifest(
+        name=options.name or source.folder.resolve().name,
+        family=source.family,
+        prediction_type=scheduler.get("prediction_type", "epsilon"),
+        vae_scaling_factor=float(vae.config.scaling_factor),
+        vae_shift_factor=float(getattr(vae.config, "shift_factor", None) or 0.0),
+        latent_channels=dims.latent_channels,
+        vae_downsample=dims.vae_downsample,
+        sizes=options.sizes,
+        batch_sizes=options.batches,
+        targets={},
+        source={"path": str(source.folder), "sha256": source_hash(source.folder), "pipeline": source.pipeline_class},
+        versions=versions(),
+        defaults=options.request_defaults,
+        latent_rgb=fit_latent_rgb(vae, options.sizes[0][1], options.sizes[0][0]),
+        text_lengths=options.lengths_for(dims),
+        unet_in_channels=dims.unet_in_channels,
+        timestep_cond_dim=dims.timestep_cond_dim,
+        force_zeros_for_empty_prompt=source.force_zeros_for_empty_prompt,
+    )
+
+
+def clear_output(out: Path) -> None:
+    """The manifest first: a folder without one is never served, whatever graphs it still holds."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    for target in TARGETS:
+        shutil.rmtree(out / target, ignore_errors=True)
 
 
 def fp16_targets(run: ExportRun, manifest: Manifest, fp32: dict[str, Path], scratch: Path) -> dict[str, TargetRecord]:
@@ -480,9 +474,16 @@ def fp16_targets(run: ExportRun, manifest: Manifest, fp32: dict[str, Path], scra
     return targets
 
 
-def copy_runtime_files(src: Path, out: Path) -> None:
-    """What the server reads beside the graphs: the tokenizer and the scheduler config."""
-    shutil.copytree(src / "tokenizer", out / "tokenizer", dirs_exist_ok=True)
+def fp32_components(source: SourceModel, options: ExportOptions) -> tuple[str, ...]:
+    """Components the fp16 targets keep whole in fp32: SDXL's VAE overflows in fp16 (unless it is an fp16-safe one)."""
+    return (VAE_DECODER, VAE_ENCODER) if source.family == SDXL and not options.fp16_vae else ()
+
+
+def copy_runtime_files(source: SourceModel, out: Path) -> None:
+    """What the server reads beside the graphs: the tokenizers and the scheduler config."""
+    src = source.folder
+    for tokenizer in source.tokenizers:
+        shutil.copytree(src / tokenizer, out / tokenizer, dirs_exist_ok=True)
     (out / "scheduler").mkdir(exist_ok=True)
     shutil.copy2(src / "scheduler" / "scheduler_config.json", out / "scheduler" / "scheduler_config.json")
 

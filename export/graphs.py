@@ -11,16 +11,22 @@ from pathlib import Path
 
 import onnx
 
-from diffuserve.engine.manifest import TEXT_ENCODER, TIMESTEP, UNET, VAE_DECODER, VAE_ENCODER
+from diffuserve.engine.manifest import TEXT_ENCODER, TEXT_ENCODER_2, TIME_IDS, TIMESTEP, UNET, VAE_DECODER, VAE_ENCODER
 
 log = logging.getLogger(__name__)
 
 # The onnxruntime.transformers optimizer's model type for each component.
-FUSION_MODEL_TYPES = {TEXT_ENCODER: "clip", UNET: "unet", VAE_DECODER: "vae", VAE_ENCODER: "vae"}
+FUSION_MODEL_TYPES = {
+    TEXT_ENCODER: "clip",
+    TEXT_ENCODER_2: "clip",
+    UNET: "unet",
+    VAE_DECODER: "vae",
+    VAE_ENCODER: "vae",
+}
 # Op types kept in float32 inside the fp16 graphs, per component, beyond the converter's own list of ops without
 # fp16 kernels. Empty, as onnxruntime's own Stable Diffusion tools ship them for SD 1.x/2.x; `--fp32-ops` adds to
 # them where a model overflows (the SDXL VAE, next, stays fp32 as a whole).
-DEFAULT_FP32_OPS: Mapping[str, tuple[str, ...]] = {TEXT_ENCODER: (), UNET: (), VAE_DECODER: (), VAE_ENCODER: ()}
+DEFAULT_FP32_OPS: Mapping[str, tuple[str, ...]] = {name: () for name in FUSION_MODEL_TYPES}
 # The fused op types the CUDA provider runs and ONNX Runtime's CPU build has no kernels for (MultiHeadAttention has
 # both): a graph holding any of these is for CUDA only.
 CUDA_ONLY_OPS = ("GroupNorm", "SkipGroupNorm", "NhwcConv", "BiasSplitGelu", "BiasAdd")
@@ -71,13 +77,14 @@ MATRIX_PRODUCTS = ("MatMul", "Gemm")
 def timestep_embedding_nodes(graph: onnx.GraphProto) -> list[str]:
     """The nodes of the U-Net's sinusoidal timestep embedding, to keep in float32: from the `timestep` input up to its
     first matrix product, plus the constants only they read. In fp16, t x frequency at t near 1000 is rounded to 0.5
-    and its sine is off by up to 0.25; diffusers' own fp16 pipeline computes this embedding in float32 too."""
+    and its sine is off by up to 0.25; diffusers' own fp16 pipeline computes this embedding in float32 too. SDXL's
+    time ids (sizes up to thousands of pixels) go through the same kind of embedding and stay float32 alike."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
     island: dict[str, onnx.NodeProto] = {}
-    frontier = [TIMESTEP]
+    frontier = [TIMESTEP, TIME_IDS]
     while frontier:
         for node in consumers.get(frontier.pop(), []):
             if node.op_type in MATRIX_PRODUCTS or node.name in island:

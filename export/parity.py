@@ -3,6 +3,7 @@ decoded image against the fp32 pipeline's."""
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -14,7 +15,16 @@ from torch import nn
 
 from diffuserve.engine.base import Engine
 from diffuserve.engine.loader import LoadedEngines
-from diffuserve.engine.manifest import CPU_TARGET, TIMESTEP, ComponentSpec, Manifest, Size, TensorSpec
+from diffuserve.engine.manifest import (
+    CPU_TARGET,
+    TIME_IDS,
+    TIMESTEP,
+    TXT2IMG,
+    ComponentSpec,
+    Manifest,
+    Size,
+    TensorSpec,
+)
 
 # fp32 graphs agree with PyTorch to about 1e-6 on tiny models; full-size U-Nets accumulate more rounding across
 # hundreds of kernels, so the gate allows 1e-3 of the output's magnitude before calling the export broken.
@@ -29,6 +39,9 @@ DEFAULT_MIN_IMAGE_PSNR = 30.0
 # that a full-size model checks in minutes on a CPU.
 IMAGE_PARITY_STEPS = 4
 IMAGE_PARITY_PROMPT = "a photograph of an astronaut riding a horse"
+# SDXL's time ids are pixel sizes and offsets; up to twice SDXL's 1024 covers what requests send, and values that
+# large are what fp16 would round (the embedding of them must stay float32).
+MAX_TIME_ID = 2048
 
 
 class ParityError(RuntimeError):
@@ -69,6 +82,8 @@ def random_feeds(
             return rng.integers(0, vocab_size, size=t.shape).astype(t.np_dtype)
         if t.name == TIMESTEP:
             return rng.uniform(0, num_train_timesteps - 1, size=t.shape).astype(t.np_dtype)
+        if t.name == TIME_IDS:
+            return rng.integers(0, MAX_TIME_ID, size=t.shape, endpoint=True).astype(t.np_dtype)
         return rng.standard_normal(t.shape).astype(t.np_dtype)
 
     return {t.name: draw(t) for t in spec.inputs}
@@ -137,20 +152,46 @@ def image_parity(
     size: Size,
     target: str,
 ) -> ImageParity:
-    """Renders one prompt through the server's own pipeline on both sets of engines (made by component name, one
+    """Renders one request through the server's own pipeline on both sets of engines (made by component name, one
     pipeline at a time so only one is in memory), same seed and sampler."""
-    from diffuserve.server.models import TEXT_TO_IMAGE, served_model
+    from diffuserve.server.models import served_components, served_model
     from diffuserve.server.params import validate
     from diffuserve.server.pipeline import render
-    from diffuserve.v1 import diffusion_pb2 as pb
 
     def image(target: str, engines: Callable[[str], Sequence[Engine]]) -> np.ndarray:
-        loaded = LoadedEngines(manifest, "cpu", target, {c: tuple(engines(c)) for c in TEXT_TO_IMAGE}, (), "")
-        served = served_model(folder, loaded)
-        request = pb.GenerateRequest(
-            prompt=IMAGE_PARITY_PROMPT, seeds=[0], steps=IMAGE_PARITY_STEPS, width=size[0], height=size[1]
-        )
-        return render(served, validate(request, {served.name: served}, served.name))
+        components = {c: tuple(engines(c)) for c in served_components(manifest)}
+        served = served_model(folder, LoadedEngines(manifest, "cpu", target, components, (), ""))
+        return render(served, validate(parity_request(manifest, size), {served.name: served}, served.name))
 
     reference = image(CPU_TARGET, fp32)
     return compare_images(reference, image(target, fp16), size, IMAGE_PARITY_STEPS)
+
+
+def parity_request(manifest: Manifest, size: Size):
+    """The image gate's request: one prompt, and for a model that only inpaints, an image and the half of it to
+    repaint."""
+    from diffuserve.v1 import diffusion_pb2 as pb
+
+    request = pb.GenerateRequest(
+        prompt=IMAGE_PARITY_PROMPT, seeds=[0], steps=IMAGE_PARITY_STEPS, width=size[0], height=size[1]
+    )
+    if TXT2IMG not in manifest.tasks:
+        request.init_image, request.mask_image = parity_image_and_mask(size)
+    return request
+
+
+def parity_image_and_mask(size: Size) -> tuple[bytes, bytes]:
+    """PNG bytes of a smooth colour gradient, and of a mask whose right half is white (repainted)."""
+    from PIL import Image
+
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x / max(width - 1, 1), y / max(height - 1, 1), np.full(x.shape, 0.5)], axis=-1)
+    mask = np.where(x >= width // 2, 255, 0)
+
+    def png(pixels: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    return png(rgb * 255), png(mask)

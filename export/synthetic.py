@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from .reference import StageTimer, diffusers_scheduler
+from .scheduler_configs import SD1_SCHEDULER_CONFIG, SD21_SCHEDULER_CONFIG
 from .sd_folder import save_sd_folder
-from .tiny import SD1_SCHEDULER_CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -140,21 +140,7 @@ SD21_UNET = _frozen(
 
 SD21_VAE = _frozen({**SD15_VAE, "sample_size": 768})
 
-SD21_SCHEDULER = _frozen(
-    {
-        "_class_name": "DDIMScheduler",
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "num_train_timesteps": 1000,
-        "prediction_type": "v_prediction",
-        "set_alpha_to_one": False,
-        "skip_prk_steps": True,
-        "steps_offset": 1,
-        "clip_sample": False,
-        "trained_betas": None,
-    }
-)
+SD21_SCHEDULER = _frozen(SD21_SCHEDULER_CONFIG)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             name=args.name,
             default_steps=args.default_steps,
             default_guidance_scale=args.default_guidance,
+            text_lengths=tuple(args.text_length) if args.text_length else None,
+            fp16_vae=args.fp16_vae,
         )
         export_model(args.source, args.output, options, report=lambda line: print(line, file=sys.stderr, flush=True))
     except (ExportError, ParityError, ValueError) as e:
@@ -121,7 +123,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .app import serve
 
-    defaults = ModelDefaults(max_steps=args.max_steps, max_images=args.max_images)
+    if args.text_cache_mb < 0:
+        raise SystemExit(f"--text-cache-mb: must be >= 0 (0 turns the cache off), got {args.text_cache_mb}")
+    defaults = ModelDefaults(
+        max_steps=args.max_steps, max_images=args.max_images, text_cache_bytes=int(args.text_cache_mb * 2**20)
+    )
     given = {"steps": args.default_steps, "guidance_scale": args.default_guidance}
     config = ServerConfig(
         model_dirs=tuple(args.models) or (str(BUNDLED_MODEL),),
@@ -317,6 +323,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="COMPONENT=OP[,OP]",
         help="op types to keep in float32 in fp16 graphs, e.g. unet=Softmax; repeatable",
     )
+    p.add_argument(
+        "--text-length",
+        type=int,
+        action="append",
+        metavar="TOKENS",
+        help="a text length the U-Net takes, a multiple of the text encoder's 77 tokens (a prompt of k 75-token "
+        "chunks needs 77k); repeat for several (default: 77 and 154)",
+    )
+    p.add_argument(
+        "--fp16-vae",
+        action="store_true",
+        help="convert an SDXL VAE to fp16 in the fp16 targets (only for an fp16-safe VAE; SDXL's own overflows, so "
+        "it is kept in fp32 by default)",
+    )
     p.add_argument("--name", help="model name to serve it under (default: the source folder's name)")
     p.add_argument("--parity-tolerance", type=float, help="allowed |torch - onnx| / output magnitude (default 1e-3)")
     p.add_argument("--fp16-tolerance", type=float, help="the same for fp16 targets (default 2e-2)")
@@ -355,6 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-guidance", type=float, help="guidance for requests that leave it unset (the model's)")
     p.add_argument("--max-steps", type=int, default=ModelDefaults.max_steps)
     p.add_argument("--max-images", type=int, default=ModelDefaults.max_images)
+    p.add_argument(
+        "--text-cache-mb",
+        type=float,
+        default=ModelDefaults.text_cache_bytes / 2**20,
+        help="memory per model for encoded prompt chunks, so a repeated prompt skips the text encoder (0: off)",
+    )
     p.add_argument(
         "--grace", type=float, default=ServerConfig.grace_s, help="seconds to finish accepted requests on shutdown"
     )

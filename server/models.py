@@ -11,10 +11,22 @@ from typing import Any
 
 from diffuserve.engine.base import Engine
 from diffuserve.engine.loader import LoadedEngines, load_engines
-from diffuserve.engine.manifest import MANIFEST_NAME, TEXT_ENCODER, UNET, VAE_DECODER, Manifest, Size
+from diffuserve.engine.manifest import (
+    IMG2IMG,
+    INPAINT,
+    MANIFEST_NAME,
+    TEXT_ENCODER,
+    TEXT_ENCODER_2,
+    UNET,
+    VAE_DECODER,
+    VAE_ENCODER,
+    Manifest,
+    Size,
+)
 from diffuserve.engine.resident import ResidentEngines
 
 from .schedulers import SchedulerConfig, available_samplers, default_sampler_name
+from .text_cache import DEFAULT_MAX_BYTES, TextEncoderCache
 from .tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -23,8 +35,17 @@ log = logging.getLogger(__name__)
 # A build output (`make bundle` exports the committed weights into it), so a source checkout has it once built.
 BUNDLED_MODEL = Path(__file__).resolve().parent / "bundled" / "shapes"
 
-# Components text-to-image needs (the VAE encoder serves img2img, loaded when that arrives).
+# Components text-to-image needs; image-to-image and inpainting add the VAE encoder.
 TEXT_TO_IMAGE = (TEXT_ENCODER, UNET, VAE_DECODER)
+# The tokenizer folder of each text encoder.
+TOKENIZER_FOLDERS = {TEXT_ENCODER: "tokenizer", TEXT_ENCODER_2: "tokenizer_2"}
+
+
+def served_components(manifest: Manifest) -> tuple[str, ...]:
+    """The components a model's tasks need: its text encoders, the U-Net, the VAE decoder and, for editing, the VAE
+    encoder."""
+    editing = any(task in manifest.tasks for task in (IMG2IMG, INPAINT))
+    return (*manifest.text_encoders, UNET, VAE_DECODER, *((VAE_ENCODER,) if editing else ()))
 
 
 @dataclass(frozen=True)
@@ -36,6 +57,8 @@ class ModelDefaults:
     # Bounds requests so one caller cannot hold the engines for minutes.
     max_steps: int = 150
     max_images: int = 8
+    # Memory for encoded prompt chunks kept per model (0: no cache).
+    text_cache_bytes: int = DEFAULT_MAX_BYTES
 
 
 @dataclass(frozen=True)
@@ -43,11 +66,36 @@ class ServedModel:
     name: str
     folder: Path
     loaded: LoadedEngines
-    tokenizer: ClipTokenizer
+    # One per text encoder, by component name.
+    tokenizers: Mapping[str, ClipTokenizer]
     scheduler_config: SchedulerConfig
     defaults: ModelDefaults
     # The samplers that can run this model's scheduler config, found once at load.
     schedulers: tuple[str, ...]
+    # Encoded prompt chunks (keys name the model and encoder); None: no cache.
+    text_cache: TextEncoderCache | None = None
+
+    @property
+    def tokenizer(self) -> ClipTokenizer:
+        """The first text encoder's: what prompts are measured in."""
+        return self.tokenizers[TEXT_ENCODER]
+
+    @property
+    def family(self) -> str:
+        return self.manifest.family
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.manifest.tasks
+
+    @property
+    def text_lengths(self) -> tuple[int, ...]:
+        return self.manifest.text_lengths
+
+    @property
+    def guidance_embedded(self) -> bool:
+        """An LCM U-Net with a guidance embedding: the scale conditions it and no unconditional pass runs."""
+        return self.manifest.timestep_cond_dim > 0
 
     @property
     def manifest(self) -> Manifest:
@@ -93,13 +141,14 @@ class ServedModel:
         """Whether only the running stage's engines are resident (serve --low-memory)."""
         return isinstance(self.loaded.engines, ResidentEngines)
 
-    def engines(self, component: str, size: Size | None = None) -> tuple[Engine, ...]:
-        """The component's engines, one per batch size, at one image size (all of them if it has no image size)."""
+    def engines(self, component: str, size: Size | None = None, text_length: int | None = None) -> tuple[Engine, ...]:
+        """The component's engines, one per batch (the U-Net's: per rows), at one image size and text length (all of
+        them where it has no image size)."""
         engines = self.loaded.engines[component]
         if size is None:
             return engines
         graph = self.manifest.targets[self.target].components[component]
-        return tuple(e for e, shape in zip(engines, graph.shapes, strict=True) if shape.serves(size))
+        return tuple(e for e, shape in zip(engines, graph.shapes, strict=True) if shape.serves(size, text_length))
 
 
 def load_model(
@@ -118,8 +167,16 @@ def load_model(
             f"the bundled model is not built at {BUNDLED_MODEL}: in a source checkout, run `make bundle` "
             "(it exports models/shapes-sd, which needs diffuserve[export]); installed wheels carry it built"
         )
+    manifest = Manifest.load(folder)
     loaded = load_engines(
-        folder, TEXT_TO_IMAGE, backend, threads, cuda_options, trt_options=trt_options, low_memory=low_memory
+        folder,
+        served_components(manifest),
+        backend,
+        threads,
+        cuda_options,
+        manifest=manifest,
+        trt_options=trt_options,
+        low_memory=low_memory,
     )
     return served_model(folder, loaded, defaults, overrides)
 
@@ -144,8 +201,11 @@ def served_model(
         name=manifest.name,
         folder=folder,
         loaded=loaded,
-        tokenizer=ClipTokenizer.from_folder(folder / "tokenizer"),
+        tokenizers={
+            name: ClipTokenizer.from_folder(folder / TOKENIZER_FOLDERS[name]) for name in manifest.text_encoders
+        },
         scheduler_config=scheduler_config,
         defaults=defaults,
         schedulers=tuple(name for name, reason in reasons.items() if not reason),
+        text_cache=TextEncoderCache(max_bytes=defaults.text_cache_bytes) if defaults.text_cache_bytes else None,
     )

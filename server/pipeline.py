@@ -1,4 +1,4 @@
-"""Text-to-image as a numbered sequence of small steps around the engines; no gRPC in here."""
+"""Generation as a numbered sequence of small steps around the engines; no gRPC in here."""
 
 from __future__ import annotations
 
@@ -9,26 +9,26 @@ from typing import Protocol
 
 import numpy as np
 
-from diffuserve.engine.base import Engine
 from diffuserve.engine.manifest import (
-    ENCODER_HIDDEN_STATES,
-    INPUT_IDS,
-    LAST_HIDDEN_STATE,
     LATENT_SAMPLE,
     MODEL_OUTPUT,
     SAMPLE,
-    TEXT_ENCODER,
     TIMESTEP,
+    TIMESTEP_COND,
+    TXT2IMG,
     UNET,
     VAE_DECODER,
     Size,
 )
 
+from .families import condition
 from .images import encode_image
 from .models import ServedModel
 from .noise import NoiseGenerator, make_generator
 from .params import GenerateParams
+from .rows import RowRunner
 from .schedulers import INITIAL_STATE, Plan, get_sampler, make_plan, select_rows
+from .tasks import Start, starts
 
 
 @dataclass
@@ -51,60 +51,9 @@ class GenerateResult:
     times: StageTimes = field(default_factory=StageTimes)
 
 
-def plan_chunks(rows: int, engines: Sequence[Engine]) -> list[tuple[int, int, Engine]]:
-    """Splits rows into engine calls: the largest batch while it fills, then the smallest batch that fits the rest."""
-    by_size = sorted(engines, key=lambda e: e.spec.batch_size)
-    largest = by_size[-1]
-    chunks, start = [], 0
-    while start < rows:
-        remaining = rows - start
-        engine = (
-            largest
-            if remaining >= largest.spec.batch_size
-            else next(e for e in by_size if e.spec.batch_size >= remaining)
-        )
-        stop = min(start + engine.spec.batch_size, rows)
-        chunks.append((start, stop, engine))
-        start = stop
-    return chunks
-
-
-class RowRunner:
-    """Runs a component over any number of rows through its static-batch engines, reusing padded input buffers."""
-
-    def __init__(self, engines: Sequence[Engine], rows: int, fixed: Mapping[str, np.ndarray] | None = None):
-        self.chunks = plan_chunks(rows, engines)
-        self.outputs = [t.name for t in engines[0].spec.outputs]
-        # Padding rows stay zero: every row is computed independently, so they never touch real rows.
-        self.buffers = [{t.name: np.zeros(t.shape, t.np_dtype) for t in e.spec.inputs} for _, _, e in self.chunks]
-        for name, array in (fixed or {}).items():
-            self._fill(name, array)
-
-    def _fill(self, name: str, array: np.ndarray) -> None:
-        for (start, stop, _), buffers in zip(self.chunks, self.buffers, strict=True):
-            buffers[name][: stop - start] = array[start:stop]
-
-    def __call__(self, varying: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        for name, array in varying.items():
-            self._fill(name, array)
-        results = [engine.run(buffers) for (_, _, engine), buffers in zip(self.chunks, self.buffers, strict=True)]
-        counts = [stop - start for start, stop, _ in self.chunks]
-        return {
-            name: np.concatenate([r[name][:count] for r, count in zip(results, counts, strict=True)])
-            for name in self.outputs
-        }
-
-
-# 1. Tokenize and 2. encode the prompt and the negative prompt.
-def encode_prompts(model: ServedModel, prompts: Sequence[str]) -> np.ndarray:
-    """[len(prompts), seq, hidden] text embeddings."""
-    engines = model.engines(TEXT_ENCODER)
-    (ids_spec,) = engines[0].spec.inputs
-    ids = model.tokenizer.encode(prompts).astype(ids_spec.np_dtype)
-    return RowRunner(engines, len(prompts))({INPUT_IDS: ids})[LAST_HIDDEN_STATE]
-
-
-# 3. Initial latents: one generator per image, so an image never depends on what it was batched with.
+# 1. Tokenize and 2. encode the prompts: the family's conditioning (server/families/).
+# 3. Start latents: the task's (server/tasks.py), from each image's own generator, so an image never depends on what
+#    it was batched with.
 def image_generators(params: GenerateParams) -> list[NoiseGenerator]:
     return [make_generator(params.noise_mode, seed) for seed in params.seeds]
 
@@ -113,14 +62,6 @@ def draw_noise(generators: Sequence[NoiseGenerator], latent_shape: tuple[int, ..
     """[len(generators), *latent_shape] unit gaussian noise, each row the next draw of its image's generator."""
     # One [1, *latent_shape] draw per image, as diffusers draws from a list of generators.
     return np.concatenate([g.standard_normal((1, *latent_shape)) for g in generators])
-
-
-def initial_latents(
-    generators: Sequence[NoiseGenerator], latent_shape: tuple[int, ...], init_noise_sigma: float
-) -> np.ndarray:
-    noise = draw_noise(generators, latent_shape)
-    noise *= np.float32(init_noise_sigma)
-    return noise
 
 
 # 4. Denoise: the sampler around the U-Net, with classifier-free guidance, for every member of a batch at once.
@@ -149,30 +90,55 @@ class Solo:
         pass
 
 
-class UNetRows:
-    """The U-Net's inputs for the images of the members still running; rebuilt only when one leaves."""
+@dataclass(frozen=True)
+class MemberInputs:
+    """What one member brings to the U-Net besides the latents: its conditioning (name -> [1 or 2, ...], the
+    unconditional row first under guidance) and per image extra channels and inputs (name -> [n, ...])."""
 
-    def __init__(self, model: ServedModel, members: Sequence[Member], context: Sequence[np.ndarray], guided: bool):
+    conditioning: Mapping[str, np.ndarray]
+    channels: np.ndarray | None = None
+    per_image: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+
+class UNetRows:
+    """The U-Net's inputs for the images of the members still running; rebuilt only when one leaves. Under guidance
+    the first n rows are the unconditional ones, the next n the conditional ones."""
+
+    def __init__(self, model: ServedModel, members: Sequence[Member], inputs: Sequence[MemberInputs], guided: bool):
         counts = [m.params.num_images for m in members]
         n = sum(counts)
-        cond = np.concatenate([np.repeat(c[1:2], k, 0) for c, k in zip(context, counts, strict=True)])
-        if guided:
-            uncond = np.concatenate([np.repeat(c[0:1], k, 0) for c, k in zip(context, counts, strict=True)])
-            cond = np.concatenate([uncond, cond])
+        fixed = {}
+        for name in inputs[0].conditioning:
+            halves = [
+                [np.repeat(i.conditioning[name][r : r + 1], k, 0) for i, k in zip(inputs, counts, strict=True)]
+                for r in range(inputs[0].conditioning[name].shape[0])
+            ]
+            fixed[name] = np.concatenate([np.concatenate(h) for h in halves])
+        copies = 2 if guided else 1
+        for name in inputs[0].per_image:
+            fixed[name] = np.concatenate([np.concatenate([i.per_image[name] for i in inputs])] * copies)
         self.n, self.guided = n, guided
         size = members[0].params.size
-        self.runner = RowRunner(model.engines(UNET, size), len(cond), {ENCODER_HIDDEN_STATES: cond})
-        self.sample = np.empty((len(cond), *model.manifest.latent_shape(size)), np.float32)
-        self.timestep = np.empty(len(cond), np.float32)
+        length = members[0].params.text_length
+        rows = copies * n
+        self.runner = RowRunner(model.engines(UNET, size, length), rows, fixed)
+        latent_shape = model.manifest.latent_shape(size)
+        self.channels = latent_shape[0]
+        self.sample = np.zeros((rows, model.manifest.unet_in_channels, *latent_shape[1:]), np.float32)
+        if inputs[0].channels is not None:  # an inpainting U-Net's mask and masked-image latents, fixed per image
+            extra = np.concatenate([i.channels for i in inputs])
+            for c in range(copies):
+                self.sample[c * n : (c + 1) * n, self.channels :] = extra
+        self.timestep = np.empty(rows, np.float32)
         # Per image, so requests with different scales share a call; shaped to broadcast over [n, C, h, w].
         scales = [np.full(k, m.params.guidance_scale, np.float32) for m, k in zip(members, counts, strict=True)]
         self.guidance = np.concatenate(scales).reshape(-1, 1, 1, 1)
 
     def predict(self, latents: np.ndarray, input_scale: np.float32, t: np.float32) -> np.ndarray:
-        n = self.n
-        np.multiply(latents, input_scale, out=self.sample[:n])
+        n, c = self.n, self.channels
+        np.multiply(latents, input_scale, out=self.sample[:n, :c])
         if self.guided:
-            self.sample[n:] = self.sample[:n]
+            self.sample[n:, :c] = self.sample[:n, :c]
         self.timestep.fill(t)
         model_output = self.runner({SAMPLE: self.sample, TIMESTEP: self.timestep})[MODEL_OUTPUT]
         if not self.guided:
@@ -181,25 +147,48 @@ class UNetRows:
         return uncond + self.guidance * (cond - uncond)
 
 
+def member_inputs(model: ServedModel, params: GenerateParams, conditioning, start: Start) -> MemberInputs:
+    per_image = {}
+    if model.manifest.timestep_cond_dim:
+        per_image[TIMESTEP_COND] = guidance_embedding(params, model.manifest.timestep_cond_dim)
+    return MemberInputs(conditioning, start.channels, per_image)
+
+
+def guidance_embedding(params: GenerateParams, dim: int) -> np.ndarray:
+    """LCM's guidance-scale embedding [n, dim] (diffusers' get_guidance_scale_embedding of w = scale - 1): the
+    sinusoidal embedding of 1000 w, sines then cosines."""
+    w = np.full(params.num_images, (params.guidance_scale - 1) * 1000.0, np.float32)
+    half = dim // 2
+    frequencies = np.exp(np.arange(half, dtype=np.float32) * -np.float32(np.log(10000.0) / (half - 1)))
+    angles = w[:, None] * frequencies[None, :]
+    embedding = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    if dim % 2:  # odd widths are zero-padded, as diffusers pads them
+        embedding = np.pad(embedding, ((0, 0), (0, 1)))
+    return embedding.astype(np.float32)
+
+
 def denoise(
     model: ServedModel,
     members: Sequence[Member],
     plan: Plan,
-    latents: Sequence[np.ndarray],
-    context: Sequence[np.ndarray],
+    starts: Sequence[Start],
+    inputs: Sequence[MemberInputs],
     generators: Sequence[Sequence[NoiseGenerator]],
 ) -> list[np.ndarray | None]:
-    """Steps every member in lockstep through the plan's U-Net calls; a member that may not proceed leaves at once
-    and gets None. Noise the sampler asks for comes from each image's own generator."""
+    """Steps every member in lockstep through the plan's U-Net calls from their shared start; a member that may not
+    proceed leaves at once and gets None. Noise the sampler asks for comes from each image's own generator."""
     sampler = get_sampler(plan.sampler)
-    guided = members[0].params.uses_guidance
-    latent_shape = model.manifest.latent_shape(members[0].params.size)
+    first = members[0].params
+    guided, begin = first.uses_guidance, first.start
+    latent_shape = model.manifest.latent_shape(first.size)
     final: list[np.ndarray | None] = [None] * len(members)
     active = list(range(len(members)))
-    x, state = np.concatenate(latents), INITIAL_STATE
+    x, state = np.concatenate([s.latents for s in starts]), INITIAL_STATE
+    blends = [s.blend for s in starts]
     bounds = row_bounds([members[i].params.num_images for i in active])
-    rows = UNetRows(model, members, context, guided)
-    for index, t in enumerate(plan.timesteps):
+    rows = UNetRows(model, members, inputs, guided)
+    total = plan.calls - begin
+    for index in range(begin, plan.calls):
         running = [i for i in active if members[i].proceed()]
         if running != active:  # the batch changes: keep the rows (and sampler state) of those still running
             if not running:
@@ -207,18 +196,21 @@ def denoise(
             keep = np.concatenate([np.arange(a, b) for i, (a, b) in zip(active, bounds, strict=True) if i in running])
             x, state, active = x[keep], select_rows(state, keep), running
             bounds = row_bounds([members[i].params.num_images for i in active])
-            rows = UNetRows(model, [members[i] for i in active], [context[i] for i in active], guided)
+            rows = UNetRows(model, [members[i] for i in active], [inputs[i] for i in active], guided)
         start = time.perf_counter()
-        model_output = rows.predict(x, plan.input_scales[index], t)
+        model_output = rows.predict(x, plan.input_scales[index], plan.timesteps[index])
         unet_ms = _ms_since(start)
         noise = None
         if plan.noise_calls[index]:
             noise = draw_noise([g for i in active for g in generators[i]], latent_shape)
         x, state = sampler.step(plan, index, x, model_output, state, noise)
+        for i, (a, b) in zip(active, bounds, strict=True):
+            if blends[i] is not None:
+                x[a:b] = blends[i].apply(plan, index, x[a:b])
         step_ms = _ms_since(start)
         for i, (a, b) in zip(active, bounds, strict=True):
             members[i].times.unet_ms += unet_ms
-            members[i].on_step(index + 1, plan.calls, x[a:b], step_ms)
+            members[i].on_step(index - begin + 1, total, x[a:b], step_ms)
     for i, (a, b) in zip(active, bounds, strict=True):
         final[i] = x[a:b]
     return final
@@ -256,26 +248,28 @@ def image_metadata(params: GenerateParams, seed: int) -> dict[str, str]:
         "scheduler": params.scheduler,
         "noise_mode": params.noise_mode,
         "size": f"{params.width}x{params.height}",
+        "task": params.task,
+        **({"strength": f"{params.strength:g}"} if params.task != TXT2IMG else {}),
     }
 
 
 def render_members(model: ServedModel, members: Sequence[Member]) -> list[np.ndarray | None]:
-    """Steps 1-5 for a batch of compatible requests (same size, steps, sampler: the worker's batch key): each
-    member's float images [n, H, W, 3] in 0..1, or None for a member that stopped early. Shared engine calls count in
-    full towards every member's times."""
-    first = members[0].params
+    """Steps 1-5 for a batch of compatible requests (the worker's batch key: same size, steps, sampler, start, text
+    length): each member's float images [n, H, W, 3] in 0..1, or None for a member that stopped early. Shared engine
+    calls count in full towards every member's times."""
+    params = [m.params for m in members]
+    first = params[0]
     plan = make_plan(first.scheduler, model.scheduler_config, first.steps)
 
     start = time.perf_counter()
-    embeddings = encode_prompts(model, [p for m in members for p in (m.params.negative_prompt, m.params.prompt)])
-    context = [embeddings[2 * i : 2 * i + 2] for i in range(len(members))]
+    conditioning = condition(model, params)
     _record(members, "text_encoder_ms", start)
 
     start = time.perf_counter()
-    generators = [image_generators(m.params) for m in members]
-    latent_shape = model.manifest.latent_shape(first.size)
-    latents = [initial_latents(g, latent_shape, plan.init_noise_sigma) for g in generators]
-    final = denoise(model, members, plan, latents, context, generators)
+    generators = [image_generators(p) for p in params]
+    begins = starts(model, params, plan, generators)
+    inputs = [member_inputs(model, p, c, b) for p, c, b in zip(params, conditioning, begins, strict=True)]
+    final = denoise(model, members, plan, begins, inputs, generators)
     _record(members, "denoise_ms", start)
 
     done = [i for i, x in enumerate(final) if x is not None]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from contextlib import contextmanager
 from importlib import metadata
@@ -17,7 +17,15 @@ from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
 from .models import ServedModel
 from .noise import DEFAULT_NOISE_MODE
-from .params import GenerateParams, InvalidArgument, ModelNotFound, noise_mode_enum, scheduler_enum, validate
+from .params import (
+    GenerateParams,
+    InvalidArgument,
+    ModelNotFound,
+    noise_mode_enum,
+    scheduler_enum,
+    task_enum,
+    validate,
+)
 from .pipeline import GenerateResult
 from .worker import (
     SHUTTING_DOWN,
@@ -143,6 +151,7 @@ class DiffusionService(pb_grpc.DiffusionServiceServicer):
             batching=config.batching,
             max_batch_wait_ms=config.max_batch_wait_ms,
             default_noise_mode=noise_mode_enum(DEFAULT_NOISE_MODE),
+            text_cache=text_cache_info(self.models.values()),
         )
 
 
@@ -182,8 +191,9 @@ def cancel_if_abandoned(job: Job) -> Iterator[None]:
 def log_done(job: Job) -> None:
     p = job.params
     log.info(
-        "request %s: %d image(s), %d steps, %s, batch of %d, %.0f ms",
+        "request %s: %s, %d image(s), %d steps, %s, batch of %d, %.0f ms",
         p.request_id,
+        p.task,
         p.num_images,
         p.steps,
         p.scheduler,
@@ -241,6 +251,11 @@ def response_for(job: Job, result: GenerateResult, with_images: bool) -> pb.Gene
         guidance_scale=params.guidance_scale,
         scheduler=scheduler_enum(params.scheduler),
         noise_mode=noise_mode_enum(params.noise_mode),
+        task=task_enum(params.task),
+        strength=params.strength,
+        prompt_tokens=params.prompt_tokens,
+        negative_prompt_tokens=params.negative_prompt_tokens,
+        text_chunks=params.text_chunks,
     )
 
 
@@ -264,4 +279,29 @@ def model_info(model: ServedModel) -> pb.ModelInfo:
         backend=model.backend,
         precision=model.precision,
         target=model.target,
+        tasks=[task_enum(task) for task in model.tasks],
+        text_lengths=model.text_lengths,
+        max_prompt_tokens=max_prompt_tokens(model),
+        guidance_embedded=model.guidance_embedded,
+    )
+
+
+def max_prompt_tokens(model: ServedModel) -> int:
+    """The longest prompt that fits the longest text length served: 75 tokens per chunk of 77."""
+    seq_len = model.tokenizer.max_length
+    return max(model.text_lengths) // seq_len * (seq_len - 2)
+
+
+def text_cache_info(models: Iterable[ServedModel]) -> pb.TextEncoderCache:
+    """The models' caches of encoded prompt chunks, summed."""
+    stats = [model.text_cache.stats() for model in models if model.text_cache is not None]
+    hits, misses = sum(s.hits for s in stats), sum(s.misses for s in stats)
+    return pb.TextEncoderCache(
+        hits=hits,
+        misses=misses,
+        hit_rate=hits / (hits + misses) if hits + misses else 0.0,
+        entries=sum(s.entries for s in stats),
+        bytes=sum(s.bytes for s in stats),
+        max_entries=sum(s.max_entries for s in stats),
+        max_bytes=sum(s.max_bytes for s in stats),
     )

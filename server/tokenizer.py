@@ -166,3 +166,9 @@ class ClipTokenizer:
             row[1 : len(tokens) + 1] = tokens
             row[len(tokens) + 1] = self.eos_token_id
         return ids
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """The BPE ids of each text, without bos/eos, truncation or padding (what encode() wraps and cuts)."""
+        if isinstance(texts, str):
+            raise TypeError("token_ids takes a sequence of texts, not a single string")
+        return [encoding.ids for encoding in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]

@@ -102,9 +102,11 @@ class Job:
 
     @property
     def batch_key(self) -> tuple:
-        """Requests with equal keys can share engine calls: same plan, same rows per image."""
+        """Requests with equal keys can share engine calls: same plan and start call, same rows per image, same text
+        length. The task is not in it: an ordinary U-Net's rows do not depend on it (inpainting blends each member's
+        own rows after the call), and an inpainting U-Net serves one task."""
         p = self.params
-        return (p.model, p.width, p.height, p.steps, p.scheduler, p.uses_guidance)
+        return (p.model, p.width, p.height, p.steps, p.scheduler, p.uses_guidance, p.start, p.text_length)
 
     def cancel(self) -> None:
         self.cancelled.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -9,6 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -49,6 +51,29 @@ SD15_CONFIG: dict[str, Any] = {
     "trained_betas": None,
     "clip_sample": False,
 }
+
+# SD 2.1's scheduler_config.json with zero terminal SNR (Lin et al. 2024), as models fine-tuned that way ship it: the
+# betas rescaled so the last training timestep is pure noise, and trailing spacing so sampling starts there.
+ZERO_SNR_CONFIG: dict[str, Any] = {
+    "_class_name": "DDIMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "trailing",
+}
+
+
+def twin_takes(name: str, key: str) -> bool:
+    """Whether diffusers' twin of sampler name has the config key: its from_config silently drops keys it has not."""
+    class_name, _ = REFERENCE[name]
+    return key in inspect.signature(getattr(diffusers, class_name).__init__).parameters
 
 
 # torch's float32 transcendental functions whose last bit depends on the CPU: MKL's vector math (which torch uses for

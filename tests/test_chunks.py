@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from diffuserve.server.pipeline import plan_chunks
+from diffuserve.server.rows import plan_chunks
 
 
 @dataclass

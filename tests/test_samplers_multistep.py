@@ -19,6 +19,7 @@ from .sampler_reference import (
     PREDICTION_TYPES,
     SD15_CONFIG,
     SPACINGS,
+    ZERO_SNR_CONFIG,
     config_dict,
     correctly_rounded_torch,  # noqa: F401  (autouse: correctly rounded exp, log, sqrt)
     reference_scheduler,
@@ -124,13 +125,27 @@ def test_dpm_lu_lambdas_match_diffusers_and_karras_takes_precedence(name: str, b
 
 @pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize(
-    ("beta_schedule", "lambda_min_clipped"), [("squaredcos_cap_v2", -5.1), ("scaled_linear", -2.0)]
+    ("beta_schedule", "lambda_min_clipped", "zero_snr"),
+    [
+        ("squaredcos_cap_v2", -5.1, False),
+        ("scaled_linear", -2.0, False),
+        # Zero terminal SNR: lambda falls to -8.3 at the last timestep (a = 2**-24, not 0), so -6 clips the top few
+        # and -9 keeps them all.
+        ("scaled_linear", -6.0, True),
+        ("scaled_linear", -9.0, True),
+    ],
 )
 @pytest.mark.parametrize("name", ["dpmpp_2m"])
 def test_dpm_lambda_min_clipped_matches_diffusers(
-    name: str, beta_schedule: str, lambda_min_clipped: float, spacing: str
+    name: str, beta_schedule: str, lambda_min_clipped: float, zero_snr: bool, spacing: str
 ) -> None:
-    d = config_dict(beta_schedule=beta_schedule, lambda_min_clipped=lambda_min_clipped, timestep_spacing=spacing)
+    d = config_dict(
+        beta_schedule=beta_schedule,
+        lambda_min_clipped=lambda_min_clipped,
+        timestep_spacing=spacing,
+        rescale_betas_zero_snr=zero_snr,
+        prediction_type="v_prediction" if zero_snr else None,
+    )
     for steps in (1, 4, 9, 20):
         reference = reference_scheduler(name, d)
         reference.set_timesteps(steps)
@@ -336,11 +351,18 @@ def test_refused_unipc_variants_give_non_finite_samples_in_diffusers(overrides: 
     assert torch.isfinite(run_diffusers("unipc", sd_config(), 20)).all()
 
 
+@pytest.mark.parametrize(
+    "d",
+    [
+        config_dict(beta_schedule="squaredcos_cap_v2", use_karras_sigmas=True),
+        # Zero terminal SNR: sigma climbs steeply at the end, ~1100, ~2300 and ~4096 at timesteps 997 .. 999.
+        {**ZERO_SNR_CONFIG, "use_karras_sigmas": True},
+    ],
+)
 @pytest.mark.parametrize("name", ["dpmpp_2m_karras", "dpmpp_2m_sde_karras", "unipc"])
-def test_a_repeated_first_timestep_is_refused_where_diffusers_txt2img_fails(name: str) -> None:
-    # The cosine schedule's largest sigmas all map to the last training timesteps; diffusers then starts at the
-    # second call at that timestep and indexes past its sigmas (UniPC: asserts a positive order) at the end.
-    d = config_dict(beta_schedule="squaredcos_cap_v2", use_karras_sigmas=True)
+def test_a_repeated_first_timestep_is_refused_where_diffusers_txt2img_fails(name: str, d: dict[str, Any]) -> None:
+    # The cosine and zero-SNR schedules' largest sigmas all map to the last training timesteps; diffusers then starts
+    # at the second call at that timestep and indexes past its sigmas (UniPC: asserts a positive order) at the end.
     with pytest.raises((IndexError, AssertionError)):
         run_diffusers(name, d, 25)
     with pytest.raises(ValueError, match=r"first timestep .*allowed: \S"):
@@ -397,6 +419,7 @@ def multistep_cases(draw: st.DrawFn) -> tuple[str, dict[str, Any], int, tuple[in
         lambda_min_clipped=optional(st.floats(-8.0, -1.0)),
         disable_corrector=optional(st.lists(st.integers(0, 50), max_size=5)),
         sigma_min=optional(st.floats(0.02, 0.5)),
+        rescale_betas_zero_snr=optional(st.booleans()),
     )
     steps = draw(st.integers(1, min(n, 50)))
     # A batch axis and at least one more: diffusers' UniPC sums its terms with einsum("k,bkc...").

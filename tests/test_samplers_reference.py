@@ -11,7 +11,7 @@ import torch
 
 from diffuserve.server.schedulers import SAMPLERS
 
-from .sampler_reference import SD15_CONFIG, CorrectlyRoundedTorch, config_dict, reference_scheduler
+from .sampler_reference import SD15_CONFIG, ZERO_SNR_CONFIG, CorrectlyRoundedTorch, config_dict, reference_scheduler
 
 # diffusers' Euler-family schedulers hand a torch tensor to np.array(copy=False), which numpy 2 deprecates.
 pytestmark = pytest.mark.filterwarnings(
@@ -64,3 +64,16 @@ def test_it_moves_diffusers_tables_by_float32_rounding_only(name: str, d: dict[s
     assert plain.keys() == rounded.keys() and "alphas_cumprod" in plain
     for key, value in plain.items():
         np.testing.assert_allclose(rounded[key], value, rtol=5e-7, atol=2e-7, err_msg=key)
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_zero_snr_tables_move_by_the_spread_of_torchs_sqrt_only(name: str, beta_schedule: str) -> None:
+    # Zero terminal SNR shifts sqrt(a) down by sqrt(a_T), which cancels near the last timestep and magnifies the last
+    # bit of torch's sqrt there: this CPU's kernels move diffusers' a by up to ~2e-6 relative, its betas (1 - alpha
+    # near 1) and lambdas (near 0) by ~1.5e-6 absolute. Still far inside the samplers' 1e-5 bar.
+    d = {**ZERO_SNR_CONFIG, "beta_schedule": beta_schedule}
+    plain, rounded = (float_tables(name, d, mode) for mode in (nullcontext(), CorrectlyRoundedTorch()))
+    assert plain.keys() == rounded.keys() and "alphas_cumprod" in plain
+    for key, value in plain.items():
+        np.testing.assert_allclose(rounded[key], value, rtol=1e-5, atol=5e-6, err_msg=key)

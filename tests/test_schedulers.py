@@ -26,20 +26,37 @@ from diffuserve.server.schedulers import (
     make_plan,
     select_rows,
 )
+from diffuserve.server.schedulers.schedule import ZERO_SNR_TERMINAL_ALPHA_PROD, alphas_cumprod
 
 from .sampler_reference import (
     PREDICTION_TYPES,
     REFERENCE,
     SD15_CONFIG,
     SPACINGS,
+    ZERO_SNR_CONFIG,
     config_dict,
     correctly_rounded_torch,  # noqa: F401  (autouse: correctly rounded exp, log, sqrt)
     reference_scheduler,
     step_both,
+    twin_takes,
 )
 
 SMALL_SHAPE = (2, 4, 8, 8)
 NAMES = sorted(SAMPLERS)
+# The samplers whose diffusers class has rescale_betas_zero_snr; the others refuse it.
+ZERO_SNR_NAMES = [name for name in NAMES if twin_takes(name, "rescale_betas_zero_snr")]
+# The zero-SNR samplers that keep a = 0 at the last training timestep (the others hold 2**-24 there, for a finite
+# sigma): an epsilon model called there is refused, as its x0 prediction divides by sqrt(a).
+KEEP_ZERO_SIGNAL = ("ddim", "lcm")
+ZERO_SNR_CASES = [
+    (name, prediction_type)
+    for name in ZERO_SNR_NAMES
+    for prediction_type in ("v_prediction", "epsilon")
+    if not (name in KEEP_ZERO_SIGNAL and prediction_type == "epsilon")
+]
+# Karras noise levels on a zero-SNR schedule: from a few steps above this (22 here) several calls share the first
+# timestep, where diffusers' DPM-Solver fails and ours refuses (test_samplers_multistep pins it at 25).
+KARRAS_ZERO_SNR_MOST_STEPS = 20
 
 # --- Agreement with diffusers. ---
 
@@ -164,6 +181,7 @@ def random_cases(draw: st.DrawFn) -> tuple[str, dict[str, Any], int, tuple[int, 
         set_alpha_to_one=draw(st.booleans()),
         clip_sample=draw(st.sampled_from([None, True, False])),
         clip_sample_range=draw(st.floats(0.5, 3.0)),
+        rescale_betas_zero_snr=draw(st.sampled_from([None, False, True])),
     )
     steps = draw(st.integers(1, min(num_train_timesteps, 50)))
     # A batch axis and any rank after it (diffusers' UniPC needs the batch axis), but at least 32 elements per row:
@@ -214,6 +232,112 @@ def test_ddim_rejects_a_steps_offset_that_pushes_a_timestep_past_training() -> N
         reference.step(torch.zeros(1), reference.timesteps[0], torch.zeros(1))
     with pytest.raises(ValueError, match="steps_offset"):
         make_plan("ddim", SchedulerConfig.from_dict(d), 100)
+
+
+# --- Zero terminal SNR (rescale_betas_zero_snr, Lin et al. 2024). ---
+
+
+def zero_snr_config(**overrides: Any) -> dict[str, Any]:
+    return {**ZERO_SNR_CONFIG, **overrides}
+
+
+@pytest.mark.parametrize(
+    ("name", "prediction_type", "steps"),
+    [
+        (name, prediction_type, steps)
+        for name, prediction_type in ZERO_SNR_CASES
+        for steps in (1, 2, 3, 7, 20, 50)
+        if "karras" not in name or steps <= KARRAS_ZERO_SNR_MOST_STEPS
+    ],
+)
+def test_zero_terminal_snr_matches_diffusers_at_every_step_count(name: str, prediction_type: str, steps: int) -> None:
+    step_both(name, zero_snr_config(prediction_type=prediction_type), steps, SMALL_SHAPE, seed=steps)
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.6, 0.95])
+@pytest.mark.parametrize(("name", "prediction_type"), ZERO_SNR_CASES)
+def test_zero_terminal_snr_img2img_matches_diffusers(name: str, prediction_type: str, strength: float) -> None:
+    d = zero_snr_config(prediction_type=prediction_type)
+    step_both(name, d, 20, SMALL_SHAPE, seed=int(strength * 100), strength=strength)
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("name", ZERO_SNR_NAMES)
+def test_zero_terminal_snr_matches_diffusers_for_every_spacing_and_schedule(
+    name: str, spacing: str, beta_schedule: str
+) -> None:
+    d = zero_snr_config(timestep_spacing=spacing, beta_schedule=beta_schedule)
+    # The cosine schedule crowds Karras noise levels into its top timesteps sooner still (see the Karras steps above).
+    steps = 4 if "karras" in name and beta_schedule == "squaredcos_cap_v2" else 10
+    step_both(name, d, steps, SMALL_SHAPE, seed=3)
+    step_both(name, d, steps, SMALL_SHAPE, seed=4, strength=0.5)
+
+
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m", "unipc"])
+def test_zero_terminal_snr_with_karras_sigmas_from_the_config_matches_diffusers(name: str) -> None:
+    d = zero_snr_config(use_karras_sigmas=True)
+    for steps in (1, 5, KARRAS_ZERO_SNR_MOST_STEPS):
+        step_both(name, d, steps, SMALL_SHAPE, seed=steps)
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("name", ZERO_SNR_NAMES)
+def test_zero_terminal_snr_rescales_the_schedule_as_diffusers_does(name: str, beta_schedule: str) -> None:
+    d = zero_snr_config(beta_schedule=beta_schedule)
+    config = SchedulerConfig.from_dict(d)
+    finite_sigmas = name not in KEEP_ZERO_SIGNAL
+    ours = alphas_cumprod(config, finite_sigmas=finite_sigmas)
+    theirs = reference_scheduler(name, d).alphas_cumprod.numpy()
+    # Bitwise here; the tolerance leaves room for torch's linspace kernels, whose last bit of a beta the rescaling's
+    # shift magnifies near the last timestep.
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5)
+    # Zero SNR at the last timestep (2**-24 where diffusers needs a finite sigma), the first a as before.
+    assert ours[-1] == theirs[-1] == (ZERO_SNR_TERMINAL_ALPHA_PROD if finite_sigmas else 0)
+    unscaled = alphas_cumprod(SchedulerConfig.from_dict({**d, "rescale_betas_zero_snr": False}))
+    assert ours[0] == pytest.approx(unscaled[0], rel=1e-6)
+    assert (np.diff(ours) < 0).all()
+    if finite_sigmas:
+        # Trailing spacing (and Karras sigmas) start at the last timestep, sigma = sqrt((1 - 2**-24) / 2**-24) ~ 4096.
+        plan = make_plan(name, config, 1)
+        assert plan.sigmas[0] == np.sqrt(np.float32(2**24 - 1))
+
+
+@pytest.mark.parametrize("name", KEEP_ZERO_SIGNAL)
+def test_epsilon_model_at_zero_signal_is_refused_where_diffusers_gives_inf(name: str) -> None:
+    d = zero_snr_config(prediction_type="epsilon")
+    reference = reference_scheduler(name, d)
+    reference.set_timesteps(4)
+    assert reference.timesteps[0] == 999 and reference.alphas_cumprod[999] == 0
+    x, model_output = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 1, 4, 4), dtype=np.float32))
+    assert not torch.isfinite(reference.step(model_output, reference.timesteps[0], x).prev_sample).any()
+    with pytest.raises(ValueError, match=r"prediction_type='epsilon' .*timestep 999.*allowed: prediction_type v_pre"):
+        make_plan(name, SchedulerConfig.from_dict(d), 4)
+    # Timesteps below the last (DDIM's leading spacing, LCM's shorter distillation schedule) run, and match.
+    below = {"timestep_spacing": "leading"} if name == "ddim" else {"original_inference_steps": 30}
+    step_both(name, {**d, **below}, 4, SMALL_SHAPE, seed=5)
+    step_both(name, {**d, **below}, 20, SMALL_SHAPE, seed=6, strength=0.5)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_a_zero_snr_model_is_offered_the_samplers_whose_diffusers_class_rescales(prediction_type: str) -> None:
+    reasons = available_samplers(SchedulerConfig.from_dict(zero_snr_config(prediction_type=prediction_type)))
+    for name, reason in reasons.items():
+        if name not in ZERO_SNR_NAMES:
+            assert "rescale_betas_zero_snr=True" in reason and "allowed: false or null" in reason, name
+        elif name in KEEP_ZERO_SIGNAL and prediction_type == "epsilon":
+            assert "prediction_type='epsilon'" in reason, name
+        else:
+            assert reason == "", name
+
+
+@pytest.mark.parametrize("name", [name for name in NAMES if name not in ZERO_SNR_NAMES])
+def test_zero_terminal_snr_is_refused_where_the_diffusers_class_would_ignore_it(name: str) -> None:
+    # from_config drops the key: diffusers' twin runs the model on the unrescaled schedule, and raises nothing.
+    rescaled, plain = (reference_scheduler(name, zero_snr_config(rescale_betas_zero_snr=v)) for v in (True, False))
+    assert torch.equal(rescaled.alphas_cumprod, plain.alphas_cumprod)
+    with pytest.raises(ValueError, match=r"rescale_betas_zero_snr=True .*allowed: false or null"):
+        make_plan(name, SchedulerConfig.from_dict(zero_snr_config()), 20)
 
 
 # --- Defaults: fields the config file leaves out, the sampler of the model's class, which samplers suit it. ---
@@ -400,7 +524,9 @@ def test_keys_a_config_leaves_out_take_each_samplers_own_diffusers_default() -> 
     ("overrides", "key"),
     [
         ({"thresholding": True}, "thresholding"),
-        ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+        ({"rescale_betas_zero_snr": 1}, "rescale_betas_zero_snr"),
+        ({"rescale_betas_zero_snr": "true"}, "rescale_betas_zero_snr"),
+        ({"rescale_betas_zero_snr": True, "num_train_timesteps": 1}, "num_train_timesteps"),
         ({"use_exponential_sigmas": True}, "use_exponential_sigmas"),
         ({"use_beta_sigmas": True}, "use_beta_sigmas"),
         ({"trained_betas": [0.1, 0.2]}, "trained_betas"),
@@ -432,6 +558,11 @@ def test_from_dict_accepts_supported_values_of_the_guarded_keys() -> None:
     assert SchedulerConfig.from_dict({**d, "trained_betas": None, "timestep_spacing": None}) == SchedulerConfig(
         beta_start=0.00085, beta_end=0.012
     )
+    for value in (False, None):
+        assert SchedulerConfig.from_dict({**d, "rescale_betas_zero_snr": value}).rescale_betas_zero_snr is False
+    zero_snr = SchedulerConfig.from_dict(ZERO_SNR_CONFIG)
+    assert zero_snr.rescale_betas_zero_snr is True and "rescale_betas_zero_snr" not in json.loads(zero_snr.options)
+    assert SchedulerConfig.from_dict(zero_snr.to_dict()) == zero_snr
 
 
 def test_from_file_rejects_a_file_that_is_not_a_json_object(tmp_path: Path) -> None:

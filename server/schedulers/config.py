@@ -17,7 +17,6 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 # the key may also be absent or null). Any other value would silently give different images, so the model is refused.
 ONLY_SUPPORTED_VALUES: Mapping[str, tuple[Any, ...]] = {
     "thresholding": (False, None),
-    "rescale_betas_zero_snr": (False, None),
     "use_exponential_sigmas": (False, None),
     "use_beta_sigmas": (False, None),
     "trained_betas": (None,),
@@ -64,6 +63,9 @@ class SchedulerConfig:
     # None: the sampler's own default (DDIM: True; Euler never clips).
     clip_sample: bool | None = None
     clip_sample_range: float = 1.0
+    # Rescale the betas to zero terminal SNR (Lin et al. 2024): the last training timestep is pure noise. Only the
+    # samplers whose diffusers class has the option run such a model; the others refuse it.
+    rescale_betas_zero_snr: bool = False
     # "_class_name" of the file, e.g. "PNDMScheduler".
     class_name: str = ""
     # Every other key of the file as canonical JSON: the sampler-specific ones (solver_order, use_karras_sigmas,
@@ -92,6 +94,13 @@ class SchedulerConfig:
             raise unsupported("clip_sample", self.clip_sample, "true, false or null")
         if not _is_real(self.clip_sample_range) or not self.clip_sample_range > 0:
             raise unsupported("clip_sample_range", self.clip_sample_range, "a number > 0")
+        if not isinstance(self.rescale_betas_zero_snr, bool):
+            raise unsupported("rescale_betas_zero_snr", self.rescale_betas_zero_snr, "true, false or null")
+        # The rescaling divides by sqrt(a_0) - sqrt(a_T), which is 0 with a single training timestep (diffusers: NaN).
+        if self.rescale_betas_zero_snr and self.num_train_timesteps < 2:
+            raise unsupported(
+                "num_train_timesteps", self.num_train_timesteps, "an integer >= 2 with rescale_betas_zero_snr"
+            )
         if not isinstance(self.class_name, str):
             raise unsupported("_class_name", self.class_name, "a string")
         if not isinstance(self.options, str) or not isinstance(json.loads(self.options), dict):
@@ -164,3 +173,10 @@ class SchedulerConfig:
         if class_name:
             d["_class_name"] = class_name
         return d
+
+
+def refuse_zero_terminal_snr(config: SchedulerConfig, class_name: str) -> None:
+    """A sampler whose diffusers class has no rescale_betas_zero_snr would run the model on the wrong schedule: its
+    from_config drops the key, and the model's images come out wrong without failing. Refused instead."""
+    if config.rescale_betas_zero_snr:
+        raise unsupported("rescale_betas_zero_snr", True, f"false or null ({class_name} has no such option)")

@@ -13,7 +13,7 @@ import numpy as np
 from .base import Array, Plan, State, check_step, frozen, no_noise, vp_plan_fields
 from .config import SchedulerConfig
 from .ops import vp_noised, vp_predictions
-from .schedule import alphas_cumprod, check_steps, spaced_timesteps
+from .schedule import alphas_cumprod, check_epsilon_signal, check_steps, spaced_timesteps
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -58,6 +58,7 @@ class DDIMSampler:
         train_alpha_prod = alphas_cumprod(config)
         prev_timesteps = timesteps - n // steps
         alpha_prod = train_alpha_prod[timesteps]
+        check_epsilon_signal(config, timesteps, alpha_prod)
         alpha_prod_prev = np.where(
             prev_timesteps >= 0,
             train_alpha_prod[prev_timesteps.clip(0)],

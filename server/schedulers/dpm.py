@@ -211,7 +211,8 @@ def clipped_last_timestep(config: SchedulerConfig) -> int:
     compares a float32 lambda table with the threshold rounded to float32, and the last bit of that table is however
     torch's log and sqrt rounded on the CPU at hand: a threshold within float32 rounding of a training lambda keeps
     that timestep on some CPUs and clips it on others. Exact lambdas make the choice the same on every CPU, and the
-    one the threshold means.
+    one the threshold means. (With rescale_betas_zero_snr diffusers' a_t near the last timestep itself varies by CPU,
+    in its last bits: see schedule.rescale_zero_terminal_snr.)
     """
     value = config.option("lambda_min_clipped", -math.inf)
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
@@ -227,7 +228,7 @@ def clipped_last_timestep(config: SchedulerConfig) -> int:
     with localcontext() as context:
         context.prec = 40
         bound = 1 / (1 + (-2 * threshold).exp())
-        kept = sum(1 for a in alphas_cumprod(config).tolist() if Decimal(a) >= bound)
+        kept = sum(1 for a in alphas_cumprod(config, finite_sigmas=True).tolist() if Decimal(a) >= bound)
     # a falls with t, so the kept timesteps are the first `kept`.
     return kept
 

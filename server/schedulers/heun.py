@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .base import INITIAL_STATE, Array, State, check_step, frozen, no_noise
-from .config import SchedulerConfig
+from .config import SchedulerConfig, refuse_zero_terminal_snr
 from .euler import SigmaPlan, discrete_sigmas, init_noise_sigma, sigma_noised, vp_input_scales
 from .ops import axpy, denoised, euler_step, to_d
 from .schedule import HEUN_BETAS, check_steps
@@ -41,6 +41,7 @@ class HeunSampler:
 
     def plan(self, config: SchedulerConfig, steps: int) -> HeunPlan:
         check_steps(config, steps)
+        refuse_zero_terminal_snr(config, "HeunDiscreteScheduler")
         timesteps, sigmas = discrete_sigmas(config, steps, "linspace", betas=HEUN_BETAS)
         # Call 2k (first stage of step k) starts at sigma_k, call 2k + 1 (its second stage) at sigma_{k+1}, where the
         # first stage's Euler step put the sample; the final 0 is not repeated.

@@ -19,7 +19,7 @@ import numpy as np
 from .base import Array, Plan, State, check_step, frozen, vp_plan_fields
 from .config import SchedulerConfig, unsupported
 from .ops import axpy, vp_noised
-from .schedule import LCM_BETAS, alphas_cumprod, check_steps
+from .schedule import LCM_BETAS, alphas_cumprod, check_epsilon_signal, check_steps
 
 # The distillation schedule's length that LCM-distilled Stable Diffusion models use (diffusers' default).
 ORIGINAL_INFERENCE_STEPS = 50
@@ -112,6 +112,7 @@ class LCMSampler:
         timesteps = lcm_timesteps(config.num_train_timesteps, original_steps, steps)
         train_alpha_prod = alphas_cumprod(config, LCM_BETAS)
         alpha_prod = train_alpha_prod[timesteps]
+        check_epsilon_signal(config, timesteps, alpha_prod)
         # The last call lands on the denoised sample itself; diffusers looks up its own timestep there, unused. No
         # timestep is below 0, so set_alpha_to_one never matters.
         alpha_prod_next = np.append(alpha_prod[1:], alpha_prod[-1])

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .base import Array, State, check_step, frozen, no_noise
-from .config import SchedulerConfig
+from .config import SchedulerConfig, refuse_zero_terminal_snr
 from .euler import SigmaPlan, discrete_sigmas, sigma_noised, sigma_plan_fields
 from .ops import denoised, to_d
 from .schedule import check_steps
@@ -130,6 +130,7 @@ class LMSSampler:
 
     def plan(self, config: SchedulerConfig, steps: int) -> LMSPlan:
         check_steps(config, steps)
+        refuse_zero_terminal_snr(config, "LMSDiscreteScheduler")
         timesteps, sigmas = discrete_sigmas(config, steps, "linspace")
         check_distinct(config, steps, timesteps, sigmas)
         return LMSPlan(

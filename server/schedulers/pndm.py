@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .base import Array, Plan, State, check_step, frozen, no_noise, vp_plan_fields
-from .config import SchedulerConfig, unsupported
+from .config import SchedulerConfig, refuse_zero_terminal_snr, unsupported
 from .ddim import integer_timesteps
 from .ops import ax_plus_by, axpy, vp_noised
 from .schedule import alphas_cumprod, check_steps
@@ -131,6 +131,7 @@ class PNDMSampler:
 
     def plan(self, config: SchedulerConfig, steps: int) -> PNDMPlan:
         check_steps(config, steps)
+        refuse_zero_terminal_snr(config, "PNDMScheduler")
         if config.prediction_type not in ("epsilon", "v_prediction"):
             # diffusers' PNDM raises at its first step for an x0-predicting model.
             raise unsupported("prediction_type", config.prediction_type, "epsilon, v_prediction")

@@ -1,7 +1,8 @@
 """The DDPM noise schedule and the timestep and sigma grids built on it, computed as diffusers computes them.
 
 Ho et al. 2020, "Denoising Diffusion Probabilistic Models", define the schedule; Karras et al. 2022, "Elucidating the
-Design Space of Diffusion-Based Generative Models", the variance-exploding sigma = sqrt((1 - a) / a) view of it.
+Design Space of Diffusion-Based Generative Models", the variance-exploding sigma = sqrt((1 - a) / a) view of it; Lin et
+al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", its rescaling to zero terminal SNR.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ COSINE_OFFSET = 0.008
 COSINE_MAX_BETA = 0.999
 # Karras et al. 2022, eq. 5: the exponent spacing sigmas densely at the low-noise end.
 KARRAS_RHO = 7.0
+# Zero terminal SNR makes the last a exactly 0, and its sigma infinite. diffusers' sigma-based schedulers (Euler, Euler
+# ancestral, DPM-Solver, UniPC) put float16's smallest positive subnormal there instead, a finite first sigma of ~4096.
+ZERO_SNR_TERMINAL_ALPHA_PROD = np.float32(2**-24)
 
 
 @dataclass(frozen=True)
@@ -49,17 +53,19 @@ def check_steps(config: SchedulerConfig, steps: int, most: int | None = None) ->
 
 
 def betas(config: SchedulerConfig, defaults: BetaDefaults = DDPM_BETAS) -> Array:
-    """beta_t for t = 0 .. num_train_timesteps - 1, the DDPM forward-process variances."""
+    """beta_t for t = 0 .. num_train_timesteps - 1, the DDPM forward-process variances (rescaled where asked)."""
     n = config.num_train_timesteps
     start = defaults.start if config.beta_start is None else config.beta_start
     end = defaults.end if config.beta_end is None else config.beta_end
     schedule = beta_schedule(config, defaults)
     if schedule == "linear":
-        return linspace_float32(start, end, n)
-    if schedule == "scaled_linear":
+        scheduled = linspace_float32(start, end, n)
+    elif schedule == "scaled_linear":
         # Latent diffusion's schedule: linear in sqrt(beta), squared in float32 as diffusers does.
-        return linspace_float32(math.sqrt(start), math.sqrt(end), n) ** 2
-    return cosine_betas(n)
+        scheduled = linspace_float32(math.sqrt(start), math.sqrt(end), n) ** 2
+    else:
+        scheduled = cosine_betas(n)
+    return rescale_zero_terminal_snr(scheduled) if config.rescale_betas_zero_snr else scheduled
 
 
 def beta_schedule(config: SchedulerConfig, defaults: BetaDefaults = DDPM_BETAS) -> str:
@@ -91,10 +97,56 @@ def cosine_betas(n: int) -> Array:
     return np.minimum(1 - alpha_bar[1:] / alpha_bar[:-1], COSINE_MAX_BETA).astype(np.float32)
 
 
-def alphas_cumprod(config: SchedulerConfig, defaults: BetaDefaults = DDPM_BETAS) -> Array:
-    """a_t = prod_{s <= t} (1 - beta_s), the signal fraction of the DDPM forward process."""
-    # torch.cumprod accumulates float32 in double, so this is bitwise what diffusers gets.
-    return np.cumprod(np.float32(1) - betas(config, defaults), dtype=np.float64).astype(np.float32)
+def rescale_zero_terminal_snr(betas: Array) -> Array:
+    """Betas whose last a is exactly 0 (zero terminal SNR) and first a as before (Lin et al. 2024, Algorithm 1).
+
+    sqrt(a_t) is shifted down by its last value and scaled back up to its first, then turned back into betas: each
+    operation in float32 in diffusers' order, so the result is theirs to the bit where torch's sqrt rounds correctly.
+    Some CPUs' kernels do not, and as the shift cancels near t = T their last bit moves diffusers' rescaled a there by
+    up to a few parts in a million: a spread between CPUs that no implementation can match on all of them.
+    """
+    alpha_bar_sqrt = np.sqrt(cumprod_float32(np.float32(1) - betas))
+    first, last = alpha_bar_sqrt[0], alpha_bar_sqrt[-1]
+    alpha_bar_sqrt = (alpha_bar_sqrt - last) * (first / (first - last))
+    alpha_bar = alpha_bar_sqrt * alpha_bar_sqrt
+    alphas = np.concatenate([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return np.float32(1) - alphas
+
+
+def cumprod_float32(alphas: Array) -> Array:
+    """The running product of float32 factors, as torch.cumprod computes it: accumulated in double, rounded once."""
+    return np.cumprod(alphas, dtype=np.float64).astype(np.float32)
+
+
+def alphas_cumprod(
+    config: SchedulerConfig, defaults: BetaDefaults = DDPM_BETAS, *, finite_sigmas: bool = False
+) -> Array:
+    """a_t = prod_{s <= t} (1 - beta_s), the signal fraction of the DDPM forward process.
+
+    finite_sigmas: as diffusers' sigma-based schedulers hold it, whose zero terminal a (rescale_betas_zero_snr) is
+    ZERO_SNR_TERMINAL_ALPHA_PROD; DDIM, PNDM and LCM keep the 0.
+    """
+    alpha_prod = cumprod_float32(np.float32(1) - betas(config, defaults))
+    if finite_sigmas and config.rescale_betas_zero_snr:
+        alpha_prod[-1] = ZERO_SNR_TERMINAL_ALPHA_PROD
+    return alpha_prod
+
+
+def check_epsilon_signal(config: SchedulerConfig, timesteps: npt.ArrayLike, alpha_prod: Array) -> None:
+    """ValueError where an epsilon model is called at a = 0 (zero terminal SNR), for the samplers that keep that 0.
+
+    There the sample is pure noise: the model's x0 = (x - sqrt(1 - a) eps) / sqrt(a) divides by 0 (inf in diffusers),
+    which is why Lin et al. 2024 train zero-SNR models to predict v.
+    """
+    zero = np.flatnonzero(alpha_prod == 0)
+    if config.prediction_type == "epsilon" and zero.size:
+        timestep = int(np.asarray(timesteps)[zero[0]])
+        raise ValueError(
+            f"prediction_type='epsilon' with rescale_betas_zero_snr=true calls the model at timestep {timestep}, where"
+            " the signal is 0 and the x0 prediction divides by it (diffusers: inf, or every x0 at the clip limit);"
+            " allowed: prediction_type v_prediction or sample, or steps whose timesteps stay below the last training"
+            " timestep"
+        )
 
 
 def sigma_from_alpha_prod(alpha_prod: Array) -> Array:
@@ -103,8 +155,8 @@ def sigma_from_alpha_prod(alpha_prod: Array) -> Array:
 
 
 def train_sigmas(config: SchedulerConfig, defaults: BetaDefaults = DDPM_BETAS) -> Array:
-    """float32 sigma at each training timestep 0 .. num_train_timesteps - 1, ascending."""
-    return sigma_from_alpha_prod(alphas_cumprod(config, defaults))
+    """float32 sigma at each training timestep 0 .. num_train_timesteps - 1, ascending, finite at zero terminal SNR."""
+    return sigma_from_alpha_prod(alphas_cumprod(config, defaults, finite_sigmas=True))
 
 
 def spaced_timesteps(spacing: str, num_train_timesteps: int, steps: int, steps_offset: int) -> npt.NDArray[np.float64]:

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class DiffusionServiceStub:
-    """Text-to-image generation with Stable-Diffusion-family models.
+    """Image generation with Stable-Diffusion-family models: text-to-image, image-to-image and inpainting.
     """
 
     def __init__(self, channel):
@@ -58,7 +58,7 @@ class DiffusionServiceStub:
 
 
 class DiffusionServiceServicer:
-    """Text-to-image generation with Stable-Diffusion-family models.
+    """Image generation with Stable-Diffusion-family models: text-to-image, image-to-image and inpainting.
     """
 
     def Generate(self, request, context):
@@ -121,7 +121,7 @@ def add_DiffusionServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class DiffusionService:
-    """Text-to-image generation with Stable-Diffusion-family models.
+    """Image generation with Stable-Diffusion-family models: text-to-image, image-to-image and inpainting.
     """
 
     @staticmethod
