@@ -43,6 +43,7 @@ TINY_MODELS: Mapping[str, Mapping[str, Any]] = MappingProxyType(
         "sd1-inpaint": {"inpainting": True},
         "sdxl-inpaint": {"family": SDXL, "inpainting": True},
         "sd1-lcm": {"lcm": True},
+        "sdxl-lcm": {"family": SDXL, "lcm": True},
     }
 )
 
@@ -159,7 +160,7 @@ def build_tiny_model(
     }
     pipeline_class, settings = tiny_pipeline(family, inpainting, lcm)
     save_pipeline_folder(folder, pipeline_class, components, **settings)
-    # Keep the scheduler file exactly as the release has it (save_pretrained adds derived defaults).
+    # Keep the scheduler file as the release has it, variant settings aside (save_pretrained adds derived defaults).
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2))
     return folder
 

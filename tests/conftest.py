@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from diffuserve.export.exporter import ExportOptions, export_model
-from diffuserve.export.tiny import build_tiny_model
+from diffuserve.export.tiny import TINY_MODELS, build_tiny_model
 from diffuserve.server.app import BackgroundServer, ServerConfig
 from diffuserve.server.models import ServedModel, load_model
 from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
@@ -17,6 +17,8 @@ TINY_SIZE = 128
 # A second, non-square size (width x height): several sizes served from one graph per component.
 TINY_SIZES = ((TINY_SIZE, TINY_SIZE), (192, TINY_SIZE))
 TINY_NAME = "tiny-sd"
+# The tiny models of every family: one small size, batches 1 and 2 (U-Net rows 1, 2 and 4), one long-prompt length.
+FAMILY_OPTIONS = {"sizes": ((64, 64),), "batches": (1, 2), "text_lengths": (77, 154)}
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +73,20 @@ def channel(server: BackgroundServer):
 @pytest.fixture(scope="session")
 def stub(channel: grpc.Channel) -> pb_grpc.DiffusionServiceStub:
     return pb_grpc.DiffusionServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory: pytest.TempPathFactory):
+    """name -> (served model, source folder) of the tiny model of that family (export.tiny.TINY_MODELS), built,
+    exported for the cpu target and loaded on first use, once per session."""
+    built: dict[str, tuple[ServedModel, Path]] = {}
+
+    def get(name: str) -> tuple[ServedModel, Path]:
+        if name not in built:
+            root = tmp_path_factory.mktemp(name)
+            source = build_tiny_model(root / "source", **TINY_MODELS[name])
+            export_model(source, root / name, ExportOptions(**FAMILY_OPTIONS, name=name))
+            built[name] = (load_model(root / name, backend="cpu"), source)
+        return built[name]
+
+    return get

@@ -54,6 +54,8 @@ PIPELINES = {
     "sd1-inpaint": "StableDiffusionInpaintPipeline",
     "sdxl-inpaint": "StableDiffusionXLInpaintPipeline",
     "sd1-lcm": "LatentConsistencyModelPipeline",
+    # LCM-SDXL ships as an SDXL pipeline with LCMScheduler.
+    "sdxl-lcm": "StableDiffusionXLPipeline",
 }
 SCHEDULERS = {
     "sd1": "PNDMScheduler",
@@ -63,6 +65,7 @@ SCHEDULERS = {
     "sd1-inpaint": "PNDMScheduler",
     "sdxl-inpaint": "EulerDiscreteScheduler",
     "sd1-lcm": "LCMScheduler",
+    "sdxl-lcm": "LCMScheduler",
 }
 EVERY_TASK = (TXT2IMG, IMG2IMG, INPAINT)
 
@@ -166,7 +169,7 @@ def test_the_tiny_folders_have_their_releases_layouts(sources: dict[str, Path]) 
     scheduler = config("sdxl", "scheduler", "scheduler_config.json")
     assert (scheduler["timestep_spacing"], scheduler["steps_offset"]) == ("leading", 1)
     assert config("sd1-inpaint", "unet")["in_channels"] == config("sdxl-inpaint", "unet")["in_channels"] == 9
-    assert config("sd1-lcm", "unet")["time_cond_proj_dim"] == 32
+    assert config("sd1-lcm", "unet")["time_cond_proj_dim"] == config("sdxl-lcm", "unet")["time_cond_proj_dim"] == 32
 
 
 def test_variants_no_pipeline_has_are_refused(tmp_path: Path) -> None:
