@@ -154,6 +154,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_input_file(path: str | None, flag: str) -> bytes:
+    """A file the client sends as it is; empty when the flag is not given."""
+    if not path:
+        return b""
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        raise SystemExit(f"{flag}: cannot read {path}: {error.strerror}") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import grpc
 
@@ -174,6 +184,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         output_format=args.format,
         quality=args.quality,
         embed_metadata=not args.no_metadata,
+        init_image=read_input_file(args.init_image, "--init-image"),
+        mask_image=read_input_file(args.mask, "--mask"),
+        strength=args.strength,
+        mask_blur=args.mask_blur,
+        refuse_resize=args.refuse_resize,
     )
     try:
         if args.stream:
@@ -188,8 +203,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     t = response.timings
     print(
         f"request {response.request_id}: total {t.total_ms:.0f} ms (queue {t.queue_ms:.0f},"
-        f" text {t.text_encoder_ms:.0f}, denoise {t.denoise_ms:.0f}, vae {t.vae_decode_ms:.0f},"
-        f" encode {t.image_encode_ms:.0f})"
+        f" text {t.text_encoder_ms:.0f},{f' vae encode {t.vae_encode_ms:.0f},' if t.vae_encode_ms else ''}"
+        f" denoise {t.denoise_ms:.0f}, vae {t.vae_decode_ms:.0f}, encode {t.image_encode_ms:.0f})"
     )
     return 0
 
@@ -231,6 +246,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         trt_options=trt_options(args),
         low_memory=args.low_memory,
     )
+    if args.tasks:
+        from .tools.bench import run_task_bench
+
+        run_task_bench(options, json_path=args.json)
+        return 0
     run_bench(options, json_path=args.json)
     return 0
 
@@ -424,6 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=IMAGE_FORMATS, default="")
     p.add_argument("--quality", type=int, default=0)
     p.add_argument("--no-metadata", action="store_true", help="do not embed prompt and settings in the file")
+    p.add_argument("--init-image", help="image-to-image: start from this PNG, JPEG or WebP file")
+    p.add_argument("--mask", help="inpainting: a grayscale image of the init image's size; white is repainted")
+    p.add_argument("--strength", type=float, help="0..1, how much of the schedule runs (default 0.8; inpainting 1)")
+    p.add_argument("--mask-blur", type=int, default=0, help="inpainting: blur the mask by this many pixels")
+    p.add_argument(
+        "--refuse-resize", action="store_true", help="fail on an init image of another size instead of resizing it"
+    )
     p.add_argument("--timeout", type=float, help="deadline in seconds")
     p.add_argument("--stream", action="store_true", help="show a progress bar while the server works")
     p.set_defaults(func=cmd_generate)
@@ -436,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=sorted(SAMPLERS), default="euler")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--load", action="store_true", help="closed-loop load over gRPC instead, batching on and off")
+    p.add_argument(
+        "--tasks", action="store_true", help="each task the model serves (txt2img, img2img, inpaint) at the same steps"
+    )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8], help="with --load: clients per row")
     p.add_argument("--requests", type=int, default=32, help="with --load: requests per row")
     p.add_argument("--max-batch-wait-ms", type=float, help="with --load: the server's wait for batch company")

@@ -34,6 +34,13 @@ class ClientRequest:
     output_format: str = ""
     quality: int = 0
     embed_metadata: bool = True
+    # Image-to-image and inpainting: the files' bytes as read, sent as they are (the server decodes and checks them).
+    init_image: bytes = b""
+    mask_image: bytes = b""
+    strength: float | None = None
+    mask_blur: int = 0
+    # Refuse an init image of another size instead of resizing it.
+    refuse_resize: bool = False
 
     def to_proto(self) -> pb.GenerateRequest:
         request = pb.GenerateRequest(
@@ -47,7 +54,14 @@ class ClientRequest:
             height=self.height,
             quality=self.quality,
             embed_metadata=self.embed_metadata,
+            init_image=self.init_image,
+            mask_image=self.mask_image,
+            mask_blur=self.mask_blur,
         )
+        if self.strength is not None:
+            request.strength = self.strength
+        if self.refuse_resize:
+            request.resize_mode = pb.RESIZE_MODE_REFUSE
         if self.guidance_scale is not None:
             request.guidance_scale = self.guidance_scale
         if self.scheduler:

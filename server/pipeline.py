@@ -37,6 +37,7 @@ class StageTimes:
 
     queue_ms: float = 0.0
     text_encoder_ms: float = 0.0
+    vae_encode_ms: float = 0.0
     denoise_ms: float = 0.0
     unet_ms: float = 0.0
     vae_decode_ms: float = 0.0
@@ -268,6 +269,9 @@ def render_members(model: ServedModel, members: Sequence[Member]) -> list[np.nda
     start = time.perf_counter()
     generators = [image_generators(p) for p in params]
     begins = starts(model, params, plan, generators)
+    _record(members, "vae_encode_ms", start)
+
+    start = time.perf_counter()
     inputs = [member_inputs(model, p, c, b) for p, c, b in zip(params, conditioning, begins, strict=True)]
     final = denoise(model, members, plan, begins, inputs, generators)
     _record(members, "denoise_ms", start)

@@ -240,6 +240,7 @@ def response_for(job: Job, result: GenerateResult, with_images: bool) -> pb.Gene
         timings=pb.Timings(
             queue_ms=times.queue_ms,
             text_encoder_ms=times.text_encoder_ms,
+            vae_encode_ms=times.vae_encode_ms,
             denoise_ms=times.denoise_ms,
             unet_ms=times.unet_ms,
             vae_decode_ms=times.vae_decode_ms,

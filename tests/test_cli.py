@@ -36,6 +36,25 @@ def test_generate_reports_a_refused_request(server, tmp_path: Path, capsys) -> N
     assert not list(tmp_path.iterdir())
 
 
+def test_generate_edits_an_image_and_the_file_says_so_in_automatic1111s_words(server, tmp_path: Path, capsys):
+    Image.new("RGB", (128, 128), (200, 40, 40)).save(tmp_path / "init.png")
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (30, 30, 90, 90))
+    mask.save(tmp_path / "mask.png")
+    args = ["generate", "a blue square", "--server", server.address, "-o", str(tmp_path / "out.png"), "--steps", "4"]
+    args += ["--init-image", str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png"), "--strength", "0.5"]
+    assert main([*args, "--seed", "3", "--mask-blur", "4"]) == 0
+    parameters = Image.open(tmp_path / "out.png").text["parameters"]
+    assert parameters.startswith("a blue square\nSteps: 4, ") and "Seed: 3" in parameters
+    assert "Denoising strength: 0.5" in parameters
+
+
+def test_generate_names_an_unreadable_input_file(server, tmp_path: Path) -> None:
+    args = ["generate", "a circle", "--server", server.address, "--init-image", str(tmp_path / "missing.png")]
+    with pytest.raises(SystemExit, match=r"--init-image: cannot read .*missing.png: No such file"):
+        main(args)
+
+
 def test_export_sizes_come_as_width_x_height_or_as_pairs() -> None:
     from diffuserve.server.cli import build_parser, export_sizes
 

@@ -395,3 +395,69 @@ def run_load(options: LoadOptions, json_path: str | None = None) -> dict:
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+# What `bench --tasks` times: each task at the same steps (strength 1 runs every step), so the rows differ only in
+# the start (the VAE encoder's pass, noising) and, for inpainting, the per-step blend.
+TASK_FIELDS = {
+    "txt2img": {},
+    "img2img": {"strength": 1.0},
+    "inpaint": {"strength": 1.0},
+    "img2img, strength 0.5": {"strength": 0.5},
+}
+TASK_STAGES = ("text_encoder_ms", "vae_encode_ms", "denoise_ms", "unet_ms", "vae_decode_ms", "total_ms")
+
+
+def edit_inputs(size: tuple[int, int]) -> dict[str, bytes]:
+    """An init image (a colour gradient) and a mask (a centred rectangle) of that size, as a client sends them."""
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // width, y * 255 // height, np.full_like(x, 128)], axis=-1).astype(np.uint8)
+    mask = np.zeros((height, width), np.uint8)
+    mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
+    return {"init_image": encode_image(pixels, "png", 90)[0], "mask_image": encode_image(mask, "png", 90)[0]}
+
+
+def task_request(name: str, options: BenchOptions, images: dict[str, bytes]) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(
+        prompt=BENCH_PROMPT,
+        seeds=[BENCH_SEED],
+        steps=options.steps,
+        guidance_scale=BENCH_GUIDANCE,
+        scheduler=scheduler_enum(options.scheduler),
+        **TASK_FIELDS[name],
+    )
+    if name != "txt2img":
+        request.init_image = images["init_image"]
+    if name == "inpaint":
+        request.mask_image = images["mask_image"]
+    return request
+
+
+def run_task_bench(options: BenchOptions, json_path: str | None = None) -> dict:
+    """Each task the model serves, in-process at the same steps, runs interleaved; medians per stage (ms)."""
+    model = load_bench_model(options)
+    images = edit_inputs(model.manifest.default_size)
+    names = [n for n in TASK_FIELDS if n.split(",")[0] in model.tasks]
+    requests = {n: validate(task_request(n, options, images), {model.name: model}, model.name) for n in names}
+    for params in requests.values():
+        generate(model, params)  # warm-up, and the prompt's chunks cached for every task alike
+    runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    for _ in range(options.runs):
+        for name, params in requests.items():
+            times = generate(model, params).times
+            runs[name].append({stage: getattr(times, stage) for stage in TASK_STAGES})
+    table = {name: median_of(rows) for name, rows in runs.items()}
+    print(
+        f"model {model.name}, {options.steps} steps {options.scheduler}, guidance {BENCH_GUIDANCE}, median of "
+        f"{options.runs} interleaved runs (ms); {model.backend} backend on {model.device}"
+    )
+    header = f"{'task':<24}" + "".join(f"{stage.removesuffix('_ms'):>14}" for stage in TASK_STAGES)
+    print(header)
+    print("-" * len(header))
+    for name, row in table.items():
+        print(f"{name:<24}" + "".join(f"{row[stage]:>14.2f}" for stage in TASK_STAGES))
+    report = {"options": asdict(options), "tasks": table}
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    return report

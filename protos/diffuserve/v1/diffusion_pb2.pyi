@@ -145,7 +145,7 @@ class Image(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("queue_ms", "text_encoder_ms", "denoise_ms", "unet_ms", "vae_decode_ms", "image_encode_ms", "total_ms", "batch_size")
+    __slots__ = ("queue_ms", "text_encoder_ms", "denoise_ms", "unet_ms", "vae_decode_ms", "image_encode_ms", "total_ms", "batch_size", "vae_encode_ms")
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     TEXT_ENCODER_MS_FIELD_NUMBER: _ClassVar[int]
     DENOISE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,7 @@ class Timings(_message.Message):
     IMAGE_ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    VAE_ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
     queue_ms: float
     text_encoder_ms: float
     denoise_ms: float
@@ -162,7 +163,8 @@ class Timings(_message.Message):
     image_encode_ms: float
     total_ms: float
     batch_size: int
-    def __init__(self, queue_ms: _Optional[float] = ..., text_encoder_ms: _Optional[float] = ..., denoise_ms: _Optional[float] = ..., unet_ms: _Optional[float] = ..., vae_decode_ms: _Optional[float] = ..., image_encode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    vae_encode_ms: float
+    def __init__(self, queue_ms: _Optional[float] = ..., text_encoder_ms: _Optional[float] = ..., denoise_ms: _Optional[float] = ..., unet_ms: _Optional[float] = ..., vae_decode_ms: _Optional[float] = ..., image_encode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., vae_encode_ms: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "model", "images", "timings", "steps", "guidance_scale", "scheduler", "noise_mode", "task", "strength", "prompt_tokens", "negative_prompt_tokens", "text_chunks")
