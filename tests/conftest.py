@@ -19,6 +19,8 @@ TINY_SIZES = ((TINY_SIZE, TINY_SIZE), (192, TINY_SIZE))
 TINY_NAME = "tiny-sd"
 # The tiny models of every family: one small size, batches 1 and 2 (U-Net rows 1, 2 and 4), one long-prompt length.
 FAMILY_OPTIONS = {"sizes": ((64, 64),), "batches": (1, 2), "text_lengths": (77, 154)}
+# SDXL also to the fp16 targets: its VAE stays fp32 there, its time ids too.
+FAMILY_TARGETS = {"sdxl": ("cpu", "cuda", "tensorrt")}
 
 
 @pytest.fixture(scope="session")
@@ -78,14 +80,15 @@ def stub(channel: grpc.Channel) -> pb_grpc.DiffusionServiceStub:
 @pytest.fixture(scope="session")
 def family(tmp_path_factory: pytest.TempPathFactory):
     """name -> (served model, source folder) of the tiny model of that family (export.tiny.TINY_MODELS), built,
-    exported for the cpu target and loaded on first use, once per session."""
+    exported and loaded on the cpu backend on first use, once per session."""
     built: dict[str, tuple[ServedModel, Path]] = {}
 
     def get(name: str) -> tuple[ServedModel, Path]:
         if name not in built:
             root = tmp_path_factory.mktemp(name)
             source = build_tiny_model(root / "source", **TINY_MODELS[name])
-            export_model(source, root / name, ExportOptions(**FAMILY_OPTIONS, name=name))
+            targets = FAMILY_TARGETS.get(name, ("cpu",))
+            export_model(source, root / name, ExportOptions(**FAMILY_OPTIONS, targets=targets, name=name))
             built[name] = (load_model(root / name, backend="cpu"), source)
         return built[name]
 

@@ -15,7 +15,7 @@ from diffuserve.engine.manifest import COMPONENTS, SYMBOLIC_AXES, Manifest
 from diffuserve.engine.ort import load_cpu_engines
 from diffuserve.export.exporter import ExportError, ExportOptions, export_model
 from diffuserve.export.parity import ParityError, check_parity, random_feeds
-from diffuserve.export.specs import ModelDims, component_specs
+from diffuserve.export.specs import ModelDims, TextEncoderDims, vae_specs
 from diffuserve.export.wrappers import UNet
 
 from .conftest import TINY_SIZES
@@ -43,10 +43,16 @@ def test_every_batch_and_size_is_a_shape_of_one_graph(tiny_export: Path) -> None
     cpu = Manifest.load(tiny_export).targets["cpu"]
     shapes = {name: [(s.batch, s.size) for s in graph.shapes] for name, graph in cpu.components.items()}
     assert shapes["text_encoder"] == [(1, None), (2, None)]  # text does not depend on the image size
-    for name in ("unet", "vae_decoder", "vae_encoder"):
+    for name in ("vae_decoder", "vae_encoder"):
         assert sorted(shapes[name]) == sorted((b, s) for b in (1, 2) for s in TINY_SIZES), name
+    # The U-Net: rows B (no guidance) and 2B (guidance) of each batch B, at text lengths 77 and 154 (long prompts).
+    unet = cpu.components["unet"].shapes
+    assert sorted((s.spec.batch_size, s.text_length, s.size) for s in unet) == sorted(
+        (rows, length, size) for rows in (1, 2, 4) for length in (77, 154) for size in TINY_SIZES
+    )
+    for shape in unet:
+        assert [t.shape[0] for t in shape.spec.inputs] == [shape.spec.batch_size] * 3
     for batch in (1, 2):
-        assert [t.shape[0] for t in cpu.record("unet", batch).spec.inputs] == [2 * batch] * 3
         assert cpu.record("vae_decoder", batch, (192, 128)).spec.inputs[0].shape == (batch, 4, 16, 24)
     assert cpu.record("unet").spec.inputs[1].dtype == "float32"  # fractional Euler timesteps must survive
 
@@ -88,9 +94,9 @@ def test_folder_without_model_index_is_refused(tmp_path: Path) -> None:
 
 
 def test_size_not_divisible_by_the_models_downsampling_is_refused() -> None:
-    dims = ModelDims(77, 32, 1000, 4, 4, 32, 3, 8, 2, 1000)
+    dims = ModelDims(77, (TextEncoderDims("text_encoder", 32),), 1000, 4, 4, 4, 32, 3, 8, 2, 1000)
     with pytest.raises(ValueError, match="--size 128x100: height must be a positive multiple of 16 for this model"):
-        component_specs(dims, 100, 128, 1)
+        vae_specs(dims, (128, 100), 1)
 
 
 class _Drifted(torch.nn.Module):

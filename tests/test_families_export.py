@@ -2,14 +2,14 @@
 in diffusers' own pipelines; the manifest says what the server needs, the parity gates pass, and families diffuserve
 does not serve are refused by name.
 
-Other tests build the same folders with `build_tiny_model(folder, **TINY_MODELS[name])` and export them with
-`export_tiny(name, source, out)`.
+The exports are the conftest's `family` fixture's, which the serving tests (test_families.py) share.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,16 +33,18 @@ from diffuserve.export.families import read_source
 from diffuserve.export.parity import DEFAULT_MIN_IMAGE_PSNR, FP16_TOLERANCE
 from diffuserve.export.tiny import TEXT_ENCODERS, TINY_MODELS, build_tiny_model, tiny_unet
 
+from .conftest import FAMILY_OPTIONS, FAMILY_TARGETS
+
 log = logging.getLogger(__name__)
 
 # One small size, both batch sizes (so the U-Net has rows 1, 2 and 4) and one long-prompt length: enough to pin every
 # shape rule down while each family exports in seconds.
-SIZE = (64, 64)
-BATCHES = (1, 2)
-TEXT_LENGTHS = (77, 154)
+(SIZE,) = FAMILY_OPTIONS["sizes"]
+BATCHES = FAMILY_OPTIONS["batches"]
+TEXT_LENGTHS = FAMILY_OPTIONS["text_lengths"]
 # The families exported here; SDXL also to the fp16 targets (its VAE stays fp32 there, its time ids too).
 EXPORTED = ("sd1", "sd2", "sdxl", "sd1-inpaint", "sdxl-inpaint", "sd1-lcm")
-TARGETS = {"sdxl": ("cpu", "cuda", "tensorrt")}
+TARGETS = FAMILY_TARGETS
 # fp32 graphs agree with PyTorch to about 1e-6 on these models; this is far below the gate's own 1e-3 x scale.
 FP32_CLOSE = 1e-4
 
@@ -93,14 +95,6 @@ EXPECTED = {
 }
 
 
-def export_tiny(name: str, source: Path, out: Path) -> Manifest:
-    """The export these tests check: one size, batches 1 and 2, text lengths 77 and 154."""
-    options = ExportOptions(
-        sizes=(SIZE,), batches=BATCHES, targets=TARGETS.get(name, ("cpu",)), text_lengths=TEXT_LENGTHS, name=name
-    )
-    return export_model(source, out, options, report=log.debug)
-
-
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("families")
@@ -108,15 +102,13 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def exports(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Each family exported once for the module; the time each took is printed (pytest -s)."""
-    root = tmp_path_factory.mktemp("families-exported")
+def exports(family) -> dict[str, Path]:
+    """Each family exported once per session (the conftest's `family`, which the serving tests share)."""
     folders = {}
     for name in EXPORTED:
         start = time.perf_counter()
-        export_tiny(name, sources[name], root / name)
-        print(f"export {name} {'+'.join(TARGETS.get(name, ('cpu',)))}: {time.perf_counter() - start:.1f} s")
-        folders[name] = root / name
+        folders[name] = family(name)[0].folder
+        log.info("export %s: %.1f s", name, time.perf_counter() - start)
     return folders
 
 
@@ -341,8 +333,6 @@ def refused(source: Path, out: Path, match: str) -> None:
 
 
 def test_a_pipeline_of_another_family_is_refused_naming_it(sources: dict[str, Path], tmp_path: Path) -> None:
-    import shutil
-
     flux = shutil.copytree(sources["sd1"], tmp_path / "flux")
     edit_json(flux / "model_index.json", _class_name="FluxPipeline")
     refused(
@@ -351,8 +341,6 @@ def test_a_pipeline_of_another_family_is_refused_naming_it(sources: dict[str, Pa
 
 
 def test_an_sdxl_refiner_is_refused(sources: dict[str, Path], tmp_path: Path) -> None:
-    import shutil
-
     # As the refiner's folder has it: no first text encoder, aesthetic-score conditioning, an image-to-image pipeline.
     refiner = shutil.copytree(sources["sdxl"], tmp_path / "refiner")
     edit_json(
@@ -366,8 +354,6 @@ def test_an_sdxl_refiner_is_refused(sources: dict[str, Path], tmp_path: Path) ->
 
 
 def test_a_unet_with_refiner_conditioning_is_refused(sources: dict[str, Path], tmp_path: Path) -> None:
-    import shutil
-
     from diffusers import UNet2DConditionModel
 
     folder = shutil.copytree(sources["sdxl"], tmp_path / "refiner-unet")
@@ -381,16 +367,12 @@ def test_a_unet_with_refiner_conditioning_is_refused(sources: dict[str, Path], t
 
 
 def test_a_unet_of_five_input_channels_is_refused(sources: dict[str, Path], tmp_path: Path) -> None:
-    import shutil
-
     folder = shutil.copytree(sources["sd1"], tmp_path / "five")
     tiny_unet(SD1, TEXT_ENCODERS[SD1], 5, None).save_pretrained(folder / "unet")
     refused(folder, tmp_path / "out", "the U-Net takes 5 input channels; diffuserve serves 4 .* or 9 ")
 
 
 def test_a_unet_not_attending_to_the_text_encoders_width_is_refused(sources: dict[str, Path], tmp_path: Path) -> None:
-    import shutil
-
     # An SD 1.x U-Net beside SDXL's encoders: it attends to 32 numbers per token where they give 32 + 64.
     folder = shutil.copytree(sources["sdxl"], tmp_path / "narrow")
     tiny_unet(SD1, TEXT_ENCODERS[SD1], 4, None).save_pretrained(folder / "unet")
