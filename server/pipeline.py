@@ -108,21 +108,12 @@ class UNetRows:
     def __init__(self, model: ServedModel, members: Sequence[Member], inputs: Sequence[MemberInputs], guided: bool):
         counts = [m.params.num_images for m in members]
         n = sum(counts)
-        fixed = {}
-        for name in inputs[0].conditioning:
-            halves = [
-                [np.repeat(i.conditioning[name][r : r + 1], k, 0) for i, k in zip(inputs, counts, strict=True)]
-                for r in range(inputs[0].conditioning[name].shape[0])
-            ]
-            fixed[name] = np.concatenate([np.concatenate(h) for h in halves])
         copies = 2 if guided else 1
-        for name in inputs[0].per_image:
-            fixed[name] = np.concatenate([np.concatenate([i.per_image[name] for i in inputs])] * copies)
         self.n, self.guided = n, guided
         size = members[0].params.size
         length = members[0].params.text_length
         rows = copies * n
-        self.runner = RowRunner(model.engines(UNET, size, length), rows, fixed)
+        self.runner = RowRunner(model.engines(UNET, size, length), rows, fixed_inputs(inputs, counts, copies))
         latent_shape = model.manifest.latent_shape(size)
         self.channels = latent_shape[0]
         self.sample = np.zeros((rows, model.manifest.unet_in_channels, *latent_shape[1:]), np.float32)
@@ -148,7 +139,27 @@ class UNetRows:
         return uncond + self.guidance * (cond - uncond)
 
 
-def member_inputs(model: ServedModel, params: GenerateParams, conditioning, start: Start) -> MemberInputs:
+def fixed_inputs(inputs: Sequence[MemberInputs], counts: Sequence[int], copies: int) -> dict[str, np.ndarray]:
+    """The U-Net inputs that stay the same every step, one row per image and copy: each conditioning's first row for
+    every image of every member, then its second (under guidance), and the per-image inputs once per copy."""
+    fixed = {}
+    for name, first in inputs[0].conditioning.items():
+        fixed[name] = np.concatenate(
+            [
+                np.repeat(i.conditioning[name][r : r + 1], k, 0)
+                for r in range(first.shape[0])
+                for i, k in zip(inputs, counts, strict=True)
+            ]
+        )
+    for name in inputs[0].per_image:
+        fixed[name] = np.concatenate([np.concatenate([i.per_image[name] for i in inputs])] * copies)
+    return fixed
+
+
+def member_inputs(
+    model: ServedModel, params: GenerateParams, conditioning: Mapping[str, np.ndarray], start: Start
+) -> MemberInputs:
+    """A member's fixed U-Net inputs: its family's conditioning, its task's channels, LCM's guidance embedding."""
     per_image = {}
     if model.manifest.timestep_cond_dim:
         per_image[TIMESTEP_COND] = guidance_embedding(params, model.manifest.timestep_cond_dim)

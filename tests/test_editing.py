@@ -4,6 +4,8 @@ batching with text-to-image, and their bad inputs answered over gRPC."""
 from __future__ import annotations
 
 import io
+import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from diffuserve.export.reference import diffusers_scheduler
-from diffuserve.server.models import ServedModel
+from diffuserve.server.models import ServedModel, load_model
 from diffuserve.server.params import GenerateParams, validate
 from diffuserve.server.pipeline import render
 from diffuserve.v1 import diffusion_pb2 as pb
@@ -192,3 +194,19 @@ def test_mixed_tasks_batched_are_bit_identical_to_running_alone(tiny_model: Serv
         assert a.images[0].data == b.images[0].data
     tasks = [pb.TASK_TXT2IMG, pb.TASK_IMG2IMG, pb.TASK_INPAINT, pb.TASK_IMG2IMG, pb.TASK_INPAINT]
     assert [r.task for r in alone] == tasks
+
+
+def test_a_model_exported_without_a_vae_encoder_serves_text_to_image_only(tiny_export: Path, tmp_path: Path):
+    folder = tmp_path / "no-encoder"
+    shutil.copytree(tiny_export, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for target in manifest["targets"].values():
+        del target["components"]["vae_encoder"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    model = load_model(folder, backend="cpu")
+    assert model.tasks == ("txt2img",)
+    with pytest.raises(
+        ValueError, match=r"init_image: model .tiny-sd. serves txt2img, not img2img \(its export has no VAE"
+    ):
+        params(model, init_image=png(init_pixels()))
+    assert params(model).task == "txt2img"

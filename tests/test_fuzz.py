@@ -1,8 +1,10 @@
-"""The fuzzer: its contract checks on fabricated outcomes, its cases, and a thousand of them against a real server."""
+"""The fuzzer: its contract checks on fabricated outcomes, its cases against the server's own validation, and a
+thousand of them against a real server."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import sys
 from dataclasses import replace
@@ -10,8 +12,11 @@ from dataclasses import replace
 import grpc
 import pytest
 
+from PIL import Image
+
 from diffuserve.server.app import BackgroundServer, ServerConfig
 from diffuserve.server.models import ServedModel
+from diffuserve.server.params import MAX_IMAGE_BYTES, InvalidArgument, ModelNotFound, validate
 from diffuserve.server.tools.fuzz import (
     GENERATE,
     GENERATE_STREAM,
@@ -20,17 +25,28 @@ from diffuserve.server.tools.fuzz import (
     REQUEST_FIELDS,
     RETRY_PUSHBACK_KEY,
     Case,
+    Echo,
     Outcome,
     Record,
     Target,
     check_outcome,
     draw_cases,
+    expected_refusals,
+    expected_task,
     extreme_fields,
     format_report,
+    image_file,
+    letter_groups,
+    letter_tokens,
+    letter_words,
+    padded_image,
     parse,
+    png_bomb,
     raw_case,
+    refusal_problems,
     require_hypothesis,
     run_fuzz,
+    status_problems,
     structured_case,
     tally,
 )
@@ -51,6 +67,12 @@ TARGET = Target(
     max_images=SMALL_IMAGES,
     schedulers=(pb.SCHEDULER_EULER, pb.SCHEDULER_DDIM),
     previews=True,
+    sizes=((128, 128), (192, 128)),
+    tasks=(pb.TASK_TXT2IMG, pb.TASK_IMG2IMG, pb.TASK_INPAINT),
+    family="sd1",
+    max_prompt_tokens=150,
+    default_guidance_scale=7.5,
+    guidance_embedded=False,
 )
 GOOD = pb.GenerateRequest(prompt="a red circle", steps=1, seeds=[3])
 EVENTS = ("queued", "image", "image", "completed")
@@ -61,7 +83,17 @@ def rules(case: Case, outcome: Outcome) -> list[str]:
 
 
 def edge_case(**fields) -> Case:
-    return structured_case("edge", GENERATE, pb.GenerateRequest(**fields))
+    """An edge case with a prompt (unless given), its changed fields unknown: any field may be named."""
+    return structured_case("edge", GENERATE, pb.GenerateRequest(**{"prompt": "x", **fields}))
+
+
+def changed_case(changed: tuple[str, ...], **fields) -> Case:
+    """An edge case that changed these fields of a valid request."""
+    return structured_case("edge", GENERATE, pb.GenerateRequest(prompt="x", **fields), frozenset(changed))
+
+
+def png(size: tuple[int, int], mode: str = "RGB") -> bytes:
+    return image_file(size, "PNG", mode)
 
 
 def test_unknown_and_internal_break_the_contract() -> None:
@@ -129,7 +161,7 @@ def test_answers_to_valid_requests_are_checked() -> None:
         "wrong number of images",
         "seeds not returned as sent",
         "image mime_type does not match output_format",
-        "image size is not the model's",
+        "image size is not the request's",
         "request_id not echoed (or none generated)",
         "stream does not run from queued to completed",
     ]

@@ -84,17 +84,22 @@ def load_bench_model(options: BenchOptions, low_memory: bool = False) -> ServedM
     )
 
 
-def bench_ours(options: BenchOptions) -> tuple[dict[str, float], GenerateParams, ServedModel, np.ndarray]:
-    model = load_bench_model(options)
-    # The request a client would send, validated exactly as the server does it.
-    request = pb.GenerateRequest(
+def bench_request(options: BenchOptions, **fields) -> pb.GenerateRequest:
+    """The benchmark's request: its prompt and seed, the options' steps and sampler."""
+    return pb.GenerateRequest(
         prompt=BENCH_PROMPT,
         seeds=[BENCH_SEED],
         steps=options.steps,
         guidance_scale=BENCH_GUIDANCE,
         scheduler=scheduler_enum(options.scheduler),
+        **fields,
     )
-    params = validate(request, {model.name: model}, model.name)
+
+
+def bench_ours(options: BenchOptions) -> tuple[dict[str, float], GenerateParams, ServedModel, np.ndarray]:
+    model = load_bench_model(options)
+    # The request a client would send, validated exactly as the server does it.
+    params = validate(bench_request(options), {model.name: model}, model.name)
     generate(model, params)  # warm-up: first runs pay for ORT's lazy allocations
     results = [generate_uncached(model, params) for _ in range(options.runs)]
     stages = median_of([our_stages(r.times, options.steps) for r in results])
@@ -419,14 +424,7 @@ def edit_inputs(size: tuple[int, int]) -> dict[str, bytes]:
 
 
 def task_request(name: str, options: BenchOptions, images: dict[str, bytes]) -> pb.GenerateRequest:
-    request = pb.GenerateRequest(
-        prompt=BENCH_PROMPT,
-        seeds=[BENCH_SEED],
-        steps=options.steps,
-        guidance_scale=BENCH_GUIDANCE,
-        scheduler=scheduler_enum(options.scheduler),
-        **TASK_FIELDS[name],
-    )
+    request = bench_request(options, **TASK_FIELDS[name])
     if name != "txt2img":
         request.init_image = images["init_image"]
     if name == "inpaint":
