@@ -11,7 +11,6 @@ from dataclasses import replace
 
 import grpc
 import pytest
-
 from PIL import Image
 
 from diffuserve.server.app import BackgroundServer, ServerConfig
@@ -24,6 +23,7 @@ from diffuserve.server.tools.fuzz import (
     MISSING_HYPOTHESIS,
     REQUEST_FIELDS,
     RETRY_PUSHBACK_KEY,
+    WEIGHT_PROMPTS,
     Case,
     Echo,
     Outcome,
@@ -167,6 +167,146 @@ def test_answers_to_valid_requests_are_checked() -> None:
     ]
 
 
+def test_an_edge_case_is_refused_only_for_what_it_changed() -> None:
+    invalid = "INVALID_ARGUMENT names a field the case did not make invalid"
+    # width and height are one check: a bad width may be reported as the height (params names the unserved side).
+    width = changed_case(("width",), width=128, height=-1)
+    assert rules(width, Outcome("INVALID_ARGUMENT", "height: model serves 128x128, got 128x-1")) == []
+    # Fewer steps can leave the (default) strength none to run.
+    steps = changed_case(("steps",), steps=1, init_image=png((128, 128)))
+    assert rules(steps, Outcome("INVALID_ARGUMENT", "strength: strength=0.8 runs none of 1 steps")) == []
+    blur = changed_case(("mask_blur",), mask_blur=-1)
+    assert rules(blur, Outcome("INVALID_ARGUMENT", "mask_blur: must be in 0..256; steps: must be in 1..2")) == [
+        invalid
+    ]
+    # A problem's own text may hold "; " and field names; only the fields problems start with count.
+    message = "mask_blur: must be in 0..256; a mask covers init_image: pixel for pixel"
+    assert rules(blur, Outcome("INVALID_ARGUMENT", message)) == []
+    # Another served model has other limits: any field may be wrong there.
+    other = changed_case(("model",), model="other-model", mask_blur=-1)
+    assert rules(other, Outcome("INVALID_ARGUMENT", "steps: must be in 1..4")) == []
+
+
+BOMB = png_bomb((20_000, 20_000))
+TURNED = image_file((96, 64), "JPEG", "RGB", 0, 6)  # stored 96x64, upright 64x96
+# Requests invalid whatever their other fields, and a field the refusal may name.
+INVALID_REQUESTS = {
+    "gif": ({"init_image": image_file((32, 32), "GIF", "P")}, "init_image"),
+    "bmp": ({"init_image": image_file((32, 32), "BMP", "RGB")}, "init_image"),
+    "garbage": ({"init_image": b"\x89PNG\r\n\x1a\ngarbage"}, "init_image"),
+    "cut": ({"init_image": png((64, 64))[:200]}, "init_image"),
+    "bomb": ({"init_image": BOMB}, "init_image"),
+    "too many bytes": ({"init_image": padded_image(MAX_IMAGE_BYTES + 1)}, "init_image"),
+    "mask alone": ({"mask_image": png((64, 64), "L")}, "mask_image"),
+    "mask of another size": ({"init_image": png((64, 64)), "mask_image": png((64, 32), "L")}, "mask_image"),
+    "RGB mask": ({"init_image": png((64, 64)), "mask_image": png((64, 64))}, "mask_image"),
+    "mask of the stored size": ({"init_image": TURNED, "mask_image": png((96, 64), "L")}, "mask_image"),
+    "refused resize": ({"init_image": png((64, 64)), "resize_mode": pb.RESIZE_MODE_REFUSE}, "init_image"),
+    "strength NaN": ({"init_image": png((64, 64)), "strength": math.nan}, "strength"),
+    "strength inf": ({"init_image": png((64, 64)), "strength": math.inf}, "strength"),
+    "strength 0": ({"init_image": png((64, 64)), "strength": 0.0}, "strength"),
+    "strength past 1": ({"init_image": png((64, 64)), "strength": 1.0000001}, "strength"),
+    "strength alone": ({"strength": 0.5}, "strength"),
+    "resize mode unknown": ({"init_image": png((64, 64)), "resize_mode": 7}, "resize_mode"),
+    "resize mode alone": ({"resize_mode": pb.RESIZE_MODE_RESIZE}, "resize_mode"),
+    "blur negative": ({"mask_blur": -1}, "mask_blur"),
+    "blur past the limit": (
+        {"init_image": png((8, 8)), "mask_image": png((8, 8), "L"), "mask_blur": 257},
+        "mask_blur",
+    ),
+    "blur without mask": ({"init_image": png((64, 64)), "mask_blur": 4}, "mask_blur"),
+    "crop on sd1": ({"crop_top": 8}, "original_size"),
+    "target size on sd1": ({"target_size": pb.ImageSize(width=1024, height=1024)}, "original_size"),
+    "151 tokens": ({"prompt": letter_words(151, 0)}, "prompt"),
+    "three chunks by BREAK": ({"prompt": letter_groups((1, 1, 1), 0)}, "prompt"),
+    "guided negative of 151 tokens": ({"negative_prompt": letter_words(151, 0)}, "negative_prompt"),
+    "weight past 100": ({"prompt": "(a:100.5)"}, "prompt"),
+    "weight past float32": ({"prompt": f"(a:{'9' * 40})"}, "prompt"),
+    "nesting past 100": ({"prompt": "(" * 49 + "a" + ")" * 49}, "prompt"),
+    "negative weight past 100": ({"negative_prompt": "(a:-1000)"}, "negative_prompt"),
+    "prompt of 10001 characters": ({"prompt": "a" * 10_001}, "prompt"),
+}
+
+
+@pytest.mark.parametrize("fields, named", INVALID_REQUESTS.values(), ids=INVALID_REQUESTS)
+def test_requests_invalid_whatever_else_must_be_refused_naming_why(fields: dict, named: str) -> None:
+    case = edge_case(**fields)
+    assert any(named in refusal.fields for refusal in expected_refusals(case.request, TARGET))
+    assert "OK for a request that must be refused" in rules(case, Outcome("OK"))
+    assert rules(case, Outcome("INVALID_ARGUMENT", f"{named}: not like this")) == []
+    assert rules(case, Outcome("INVALID_ARGUMENT", "quality: not like this")) == [
+        "INVALID_ARGUMENT does not name a field that is invalid"
+    ]
+    # Other ends (a deadline, a full queue) are not the fuzzer's to judge by the request.
+    assert rules(case, Outcome("DEADLINE_EXCEEDED", "Deadline Exceeded")) == []
+
+
+# Edge values that are valid, or whose validity depends on fields the fuzzer does not model: no refusal claimed.
+UNCLAIMED_REQUESTS = {
+    "exponent is text": {"prompt": "(a:1e30)"},
+    "weight at the limit": {"prompt": "(a:-100)"},
+    "nesting under 100": {"prompt": "(" * 48 + "a" + ")" * 48},
+    "square brackets": {"prompt": "[" * 1000 + "a" + "]" * 1000},
+    "150 tokens": {"prompt": letter_words(150, 0)},
+    "two chunks by BREAK": {"prompt": letter_groups((75, 75), 0)},
+    "unguided negative of 151 tokens": {"negative_prompt": letter_words(151, 0), "guidance_scale": 1.0},
+    "turned init and upright mask": {"init_image": TURNED, "mask_image": png((64, 96), "L"), "mask_blur": 256},
+    "served init with refusal of resizing": {"init_image": png((192, 128)), "resize_mode": pb.RESIZE_MODE_REFUSE},
+    "tiny strength": {"init_image": png((1, 1)), "strength": 1e-45},
+}
+
+
+@pytest.mark.parametrize("fields", UNCLAIMED_REQUESTS.values(), ids=UNCLAIMED_REQUESTS)
+def test_edge_values_that_may_be_valid_are_not_claimed_invalid(fields: dict) -> None:
+    assert expected_refusals(edge_case(**fields).request, TARGET) == []
+
+
+def inpainting(**fields) -> pb.GenerateRequest:
+    """100 one-letter words, an init image of a served size (192x128, taken when width and height are 0), a mask."""
+    init = {"init_image": png((192, 128)), "mask_image": png((192, 128), "L")}
+    return pb.GenerateRequest(prompt=letter_words(100, 0), seeds=[5], request_id="r", **{**init, **fields})
+
+
+def test_answers_to_edits_are_checked() -> None:
+    valid = structured_case("valid", GENERATE, inpainting())
+    echo = Echo(task=pb.TASK_INPAINT, strength=1.0, prompt_tokens=100, negative_prompt_tokens=0, text_chunks=2)
+    good = Outcome("OK", request_ids=("r",), images=((5, "image/png", 192, 128),), echo=echo)
+    assert rules(valid, good) == []
+    wrong = Echo(task=pb.TASK_IMG2IMG, strength=0.8, prompt_tokens=99, negative_prompt_tokens=3, text_chunks=1)
+    assert rules(valid, replace(good, images=((5, "image/png", 128, 128),), echo=wrong)) == [
+        "image size is not the request's",
+        "task is not the request's",
+        "strength is not the request's",
+        "token count is not the prompt's",
+        "token count is not the prompt's",
+        "text_chunks outside the prompt's needs and the model's",
+    ]
+    # The strength asked for is echoed as the float32 it was; an init image of a size not served gets the model's.
+    edit = pb.GenerateRequest(prompt="x", seeds=[5], request_id="r", init_image=png((64, 64)), strength=0.7)
+    echo = Echo(task=pb.TASK_IMG2IMG, strength=0.7, prompt_tokens=1, negative_prompt_tokens=0, text_chunks=1)
+    outcome = Outcome("OK", request_ids=("r",), images=((5, "image/png", 128, 128),), echo=echo)
+    assert rules(structured_case("valid", GENERATE, edit), outcome) == []
+    # The image's size is its upright size: a photo turned by its EXIF Orientation is served at that.
+    turned = pb.GenerateRequest(
+        prompt="x", seeds=[5], request_id="r", init_image=image_file((128, 192), "JPEG", "L", 0, 6)
+    )
+    echo = replace(echo, strength=0.8)  # unset: the proto's default
+    outcome = replace(outcome, images=((5, "image/png", 192, 128),), echo=echo)
+    assert rules(structured_case("valid", GENERATE, turned), outcome) == []
+    no_tokens = replace(outcome, echo=replace(echo, prompt_tokens=0))
+    assert rules(structured_case("valid", GENERATE, turned), no_tokens) == [
+        "prompt_tokens do not count the prompt",
+        "token count is not the prompt's",
+    ]
+
+
+def test_prompts_of_one_letter_words_have_known_tokens_and_chunks() -> None:
+    assert letter_tokens(letter_words(150, 3)) == (150, 2)
+    assert letter_tokens(letter_groups((75, 1, 76), 3)) == (152, 4)
+    assert letter_tokens("a b BREAK") is None and letter_tokens("ab") is None and letter_tokens("") is None
+    assert expected_task(inpainting()) == pb.TASK_INPAINT
+
+
 def test_tally_counts_by_code_and_kind_and_reports_each_broken_rule() -> None:
     problems = check_outcome(raw_case(GENERATE_STREAM, b"\xff\xff\xff"), Outcome("UNKNOWN", "boom"), TARGET)
     records = [
@@ -208,17 +348,34 @@ def test_cases_are_the_same_for_the_same_seed() -> None:
     assert digest != [hashlib.sha256(case.body).hexdigest() for case in other]
 
 
-def test_cases_reach_every_field_and_its_extremes() -> None:
+def present(request: pb.GenerateRequest, name: str) -> bool:
+    """Set: HasField for fields with presence (optional scalars, messages), else a non-default value."""
+    if pb.GenerateRequest.DESCRIPTOR.fields_by_name[name].has_presence:
+        return request.HasField(name)
+    return bool(getattr(request, name))
+
+
+def decoded(data: bytes) -> Image.Image | None:
+    try:
+        return Image.open(io.BytesIO(data))
+    except Exception:  # not an image Pillow reads
+        return None
+
+
+@pytest.fixture(scope="module")
+def six_hundred() -> list[Case]:
+    return drawn(600, 0)
+
+
+def test_cases_reach_every_field_and_its_extremes(six_hundred: list[Case]) -> None:
     assert set(extreme_fields(TARGET)) == set(REQUEST_FIELDS)
-    cases = drawn(600, 0)
+    cases = six_hundred
     assert {case.kind for case in cases} == set(KINDS)
     assert {case.method for case in cases} == {GENERATE, GENERATE_STREAM}
     requests = [case.request for case in cases if case.request is not None]
     for name in REQUEST_FIELDS:
-        assert any(
-            request.HasField(name) if name == "guidance_scale" else getattr(request, name) for request in requests
-        )
-    assert any(len(request.prompt) > 100_000 for request in requests)
+        assert any(present(request, name) for request in requests), name
+    assert any(len(text) > 100_000 for request in requests for text in (request.prompt, request.negative_prompt))
     assert any(len(request.seeds) > 1000 for request in requests)
     assert any(math.isnan(request.guidance_scale) for request in requests)
     assert any(request.scheduler not in pb.Scheduler.values() for request in requests)
@@ -227,6 +384,62 @@ def test_cases_reach_every_field_and_its_extremes() -> None:
     strings = [getattr(request, name) for request in requests for name in ("model", "request_id", "prompt")]
     assert any("\0" in text for text in strings) and any(not text.isprintable() for text in strings)
     assert any(parse(case.body) is None for case in cases if case.kind == "truncated")
+    # The editing fields' extremes.
+    assert any(math.isnan(request.strength) for request in requests)
+    assert any(0 < request.strength < 0.01 for request in requests)
+    assert any(request.resize_mode not in pb.ResizeMode.values() for request in requests)
+    assert any(request.mask_blur < 0 for request in requests) and any(request.mask_blur > 256 for request in requests)
+    assert any(request.crop_left for request in requests) and any(
+        request.HasField("target_size") for request in requests
+    )
+    images = [decoded(data) for request in requests for data in (request.init_image, request.mask_image) if data]
+    formats = {image.format for image in images if image is not None}
+    assert {"PNG", "JPEG", "WEBP"} < formats, "no image of a format the API refuses (GIF, BMP, TIFF, PPM)"
+    assert any(image is not None and image.width * image.height > 4096**2 for image in images)  # bombs
+    assert any(image is None for image in images)
+    masks = [(decoded(r.init_image), decoded(r.mask_image)) for r in requests if r.init_image and r.mask_image]
+    assert any(mask is not None and mask.mode == "RGB" for _, mask in masks)
+    assert any(None not in pair and pair[0].size != pair[1].size for pair in masks)
+    tokens = [letter_tokens(text) for request in requests for text in (request.prompt, request.negative_prompt)]
+    assert any(counted is not None and counted[0] > 150 for counted in tokens)
+    assert any(text in WEIGHT_PROMPTS for request in requests for text in (request.prompt, request.negative_prompt))
+
+
+def test_valid_cases_ask_for_every_task_and_long_and_weighted_prompts(six_hundred: list[Case]) -> None:
+    requests = [case.request for case in six_hundred if case.kind == "valid"]
+    assert {expected_task(request) for request in requests} == set(TARGET.tasks)
+    assert any(request.init_image and decoded(request.init_image).size not in TARGET.sizes for request in requests)
+    assert any(request.mask_blur for request in requests)
+    assert any(request.HasField("strength") for request in requests)
+    tokens = [letter_tokens(request.prompt) for request in requests]
+    assert any(counted is not None and counted[0] > 75 for counted in tokens)
+    assert any(":" in request.prompt and "(" in request.prompt for request in requests)
+
+
+def validated(request: pb.GenerateRequest, model: ServedModel) -> Outcome:
+    """What the server's own validation makes of a request, as the outcome a server would send."""
+    try:
+        validate(request, {model.name: model}, model.name)
+    except InvalidArgument as error:
+        return Outcome("INVALID_ARGUMENT", str(error))
+    except ModelNotFound as error:
+        return Outcome("NOT_FOUND", str(error))
+    return Outcome("OK")
+
+
+def test_drawn_cases_agree_with_the_servers_validation(tiny_model: ServedModel) -> None:
+    """Valid cases pass params.validate; what it refuses is named as the fuzzer expects; and what the fuzzer claims
+    invalid it refuses. Offline: no model runs, so a few hundred cases take seconds."""
+    model = replace(tiny_model, defaults=replace(tiny_model.defaults, max_steps=SMALL_STEPS, max_images=SMALL_IMAGES))
+    target = replace(TARGET, default_model=model.name, models=(model.name,), default_steps=model.defaults.steps)
+    cases = []
+    draw_cases(target, 400, 1, cases.append)
+    for case in cases:
+        if case.request is None:
+            continue
+        outcome = validated(case.request, model)
+        problems = status_problems(case, outcome, target) + refusal_problems(case, outcome, target)
+        assert not problems, (problems, outcome.message, case.request)
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +457,7 @@ def test_a_thousand_fuzz_cases_keep_the_contract(small_server: BackgroundServer)
     assert report.cases == FUZZ_CASES and set(report.by_kind) == set(KINDS)
     assert report.by_code.get("OK", 0) > FUZZ_CASES // 10, "too few cases got far enough to run the model"
     assert not report.violations, format_report(report)
+    assert set(report.served) == {"txt2img", "img2img", "inpaint"}, "some task was never served"
     with grpc.insecure_channel(small_server.address) as channel:
         response = pb_grpc.DiffusionServiceStub(channel).Generate(GOOD, timeout=30)
     assert [image.seed for image in response.images] == [3]

@@ -19,7 +19,7 @@ from diffuserve.engine.ort import BackendUnavailableError
 from diffuserve.engine.resident import ResidentEngines
 from diffuserve.server.app import ServerConfig, load_models
 from diffuserve.server.cli import build_parser
-from diffuserve.server.models import TEXT_TO_IMAGE, ServedModel, load_model
+from diffuserve.server.models import TEXT_TO_IMAGE, ServedModel, load_model, served_components
 from diffuserve.server.params import GenerateParams, validate
 from diffuserve.server.pipeline import Solo, render_members
 from diffuserve.v1 import diffusion_pb2 as pb
@@ -118,7 +118,8 @@ def test_one_component_is_alive_at_every_engine_call_and_a_stage_loads_once(
     monkeypatch.setattr(ort.OrtEngine, "run", counting)
     model = load_model(tiny_export, backend="cpu", low_memory=True)
     resident = model.loaded.engines
-    assert isinstance(resident, ResidentEngines) and resident.loads == len(TEXT_TO_IMAGE)
+    # Every component served, the VAE encoder included (editing), loaded once at start.
+    assert isinstance(resident, ResidentEngines) and resident.loads == len(served_components(model.manifest))
     # Loaded once each at start, released in turn: the first stage's stays, for the first request.
     assert resident.resident == TEXT_ENCODER and len(live_sessions) == 1
 
@@ -136,7 +137,7 @@ def test_one_component_is_alive_at_every_engine_call_and_a_stage_loads_once(
     assert live_sessions.alive_at_creation == [0] * resident.loads
     # The text encoder was resident already; the U-Net's rows rebuilt when a member left asked for its engines
     # again: no second load.
-    assert resident.loads == len(TEXT_TO_IMAGE) + 2
+    assert resident.loads == len(served_components(model.manifest)) + 2
     (alone,) = render_members(tiny_model, [Solo(staying.params)])
     assert (pixels[0] == alone).all()
 

@@ -164,7 +164,7 @@ QUARTER_TURNS = frozenset({5, 6, 7, 8})
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BOMB_SIZES = ((20_000, 20_000), (4097, 4096), (1, MAX_INPUT_PIXELS + 1), (INT32_MAX, INT32_MAX))
 # Image fields of the size limit, one past it, and past the server's receive limit (which has room for two image
-# fields of the limit and little else). Tens of megabytes to send: such a value is one image value in ~20.
+# fields of the limit and little else). Tens of megabytes to send: a few cases in a thousand carry one.
 IMAGE_FIELD_BYTES = (MAX_IMAGE_BYTES, MAX_IMAGE_BYTES + 1, 2 * MAX_IMAGE_BYTES + 2**20)
 # Strengths people use; a valid case takes those that leave its steps at least one to run.
 NICE_STRENGTHS = (0.3, 0.5, 0.55, 0.7, 0.75, 0.8, 0.9, 1.0)
@@ -523,11 +523,14 @@ def extreme_prompts(target: Target) -> SearchStrategy[str]:
     too_many_groups = st.lists(
         st.integers(1, 5), min_size=target.max_text_chunks + 1, max_size=target.max_text_chunks + 3
     )
+    # Hostile text half the time, as before prompts had a syntax and chunks.
     return st.one_of(
         hostile_text(target),
-        st.builds(letter_words, lengths, seeds),
-        st.builds(letter_groups, too_many_groups, seeds),
-        st.sampled_from(WEIGHT_PROMPTS),
+        st.one_of(
+            st.builds(letter_words, lengths, seeds),
+            st.builds(letter_groups, too_many_groups, seeds),
+            st.sampled_from(WEIGHT_PROMPTS),
+        ),
     )
 
 
@@ -614,10 +617,8 @@ def image_values(huge: bool = True) -> SearchStrategy[bytes]:
     st = strategies()
     any_file = image_files(INIT_FILES + MASK_FILES, image_sizes())
     fraction = st.floats(0.0, 1.0, exclude_max=True)
-    limits = st.sampled_from(BOMB_SIZES).map(png_bomb)
-    if huge:
-        limits = limits | st.sampled_from(IMAGE_FIELD_BYTES).map(padded_image)
-    return st.one_of(
+    values = [
+        st.sampled_from(IMAGE_FIELD_BYTES).map(padded_image),
         st.just(b""),
         any_file,
         image_files(OTHER_FORMAT_FILES + NOT_MASK_FILES, image_sizes()),
@@ -625,8 +626,9 @@ def image_values(huge: bool = True) -> SearchStrategy[bytes]:
         st.builds(overwritten, any_file, st.lists(st.tuples(fraction, st.integers(0, 255)), min_size=1, max_size=4)),
         st.binary(min_size=1, max_size=64),
         st.builds(lambda data: PNG_SIGNATURE + data, st.binary(max_size=64)),
-        limits,
-    )
+        st.sampled_from(BOMB_SIZES).map(png_bomb),
+    ]
+    return st.one_of(*(values if huge else values[1:]))
 
 
 def image_pairs() -> SearchStrategy[dict[str, object]]:
