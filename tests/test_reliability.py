@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -20,7 +21,14 @@ from PIL import Image
 from diffuserve.server import worker as worker_module
 from diffuserve.server.images import EXIF_IMAGE_DESCRIPTION, JPEG_EXIF_MAX_BYTES, TRUNCATED_KEY, exif_block
 from diffuserve.server.models import ServedModel
-from diffuserve.server.params import MAX_PROMPT_CHARS, MAX_REQUEST_ID_CHARS, max_request_bytes, validate
+from diffuserve.server.params import (
+    MAX_IMAGE_BYTES,
+    MAX_MASK_BLUR,
+    MAX_PROMPT_CHARS,
+    MAX_REQUEST_ID_CHARS,
+    max_request_bytes,
+    validate,
+)
 from diffuserve.server.worker import (
     Event,
     InferenceWorker,
@@ -39,6 +47,28 @@ GENERATE_STREAM = "/diffuserve.v1.DiffusionService/GenerateStream"
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 # A character UTF-8 stores in 4 bytes and JSON escapes as a 12-character surrogate pair: the costliest prompt.
 WIDE_CHARACTER = "\U0001f600"
+# Whitespace UTF-8 stores in 3 bytes and JSON escapes in 6 characters; the tokenizer skips it. A prompt of the most
+# characters is valid only within the model's tokens: a few words padded with it.
+WIDE_SPACE = "\u3000"
+
+
+def longest_valid_prompt(words: int) -> str:
+    """MAX_PROMPT_CHARS characters, `words` tokens: the widest prompt a model serving that many tokens takes."""
+    gap = (MAX_PROMPT_CHARS - 3 * words) // words
+    prompt = ("red" + WIDE_SPACE * gap) * words
+    return prompt + WIDE_SPACE * (MAX_PROMPT_CHARS - len(prompt))
+
+
+def padded_png(size: tuple[int, int], mode: str, total_bytes: int) -> bytes:
+    """A valid PNG of exactly total_bytes: a small image and an ancillary chunk of padding, which decoders skip."""
+    buffer = io.BytesIO()
+    Image.new(mode, size, 255).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    end = data.rindex(b"IEND") - 4  # the IEND chunk's length field
+    padding = total_bytes - len(data) - 12  # a chunk's length, type and CRC take 12 bytes
+    body = b"\0" * padding
+    chunk = padding.to_bytes(4, "big") + b"pdDg" + body + zlib.crc32(b"pdDg" + body).to_bytes(4, "big")
+    return data[:end] + chunk + data[end:]
 
 
 def wait_busy(server, timeout: float = 30.0) -> None:
@@ -162,9 +192,10 @@ def test_an_overload_burst_is_refused_promptly_and_every_accepted_request_ends_o
 def test_jpeg_metadata_of_the_longest_prompt_is_truncated_to_fit_and_spares_the_batch(
     tiny_model: ServedModel,
 ) -> None:
-    prompt = WIDE_CHARACTER * MAX_PROMPT_CHARS
+    # One chunk each, so it shares the U-Net's calls with its mate.
+    prompt, negative = longest_valid_prompt(60), longest_valid_prompt(50)
     wide = euler_request(
-        prompt=prompt, negative_prompt="blurry", steps=4, seeds=[1], output_format=pb.IMAGE_FORMAT_JPEG
+        prompt=prompt, negative_prompt=negative, steps=4, seeds=[1], output_format=pb.IMAGE_FORMAT_JPEG
     )
     wide.embed_metadata = True
     with serving(tiny_model) as (_, stub, _):
@@ -174,8 +205,9 @@ def test_jpeg_metadata_of_the_longest_prompt_is_truncated_to_fit_and_spares_the_
         response, mate_response = wide_call.result(timeout=60), mate.result(timeout=60)
     assert response.timings.batch_size == mate_response.timings.batch_size == 2
     metadata = json.loads(Image.open(io.BytesIO(response.images[0].data)).getexif()[EXIF_IMAGE_DESCRIPTION])
-    assert metadata[TRUNCATED_KEY] == "prompt" and prompt.startswith(metadata["prompt"])
-    assert 0 < len(metadata["prompt"]) < MAX_PROMPT_CHARS and metadata["negative_prompt"] == "blurry"
+    assert metadata[TRUNCATED_KEY] == "prompt,negative_prompt" and prompt.startswith(metadata["prompt"])
+    assert negative.startswith(metadata["negative_prompt"])
+    assert 0 < len(metadata["prompt"]) == len(metadata["negative_prompt"]) < MAX_PROMPT_CHARS
 
 
 def test_exif_block_keeps_what_fits_and_cuts_the_prompts_to_the_longest_common_length() -> None:
@@ -229,9 +261,10 @@ def test_undecodable_request_bytes_answer_invalid_argument_on_every_method(chann
 
 def test_the_receive_limit_admits_the_largest_valid_request_and_refuses_more(tiny_model: ServedModel) -> None:
     limits = tiny_model.defaults
+    size = tiny_model.sizes[0]
     largest = euler_request(
-        prompt=WIDE_CHARACTER * MAX_PROMPT_CHARS,
-        negative_prompt=WIDE_CHARACTER * MAX_PROMPT_CHARS,
+        prompt=longest_valid_prompt(150),
+        negative_prompt=longest_valid_prompt(150),
         request_id="r" * MAX_REQUEST_ID_CHARS,
         model=tiny_model.name,
         seeds=[2**64 - 1] * limits.max_images,
@@ -239,8 +272,11 @@ def test_the_receive_limit_admits_the_largest_valid_request_and_refuses_more(tin
         guidance_scale=7.5,
         quality=100,
         preview_interval=1,
+        init_image=padded_png(size, "RGB", MAX_IMAGE_BYTES),
+        mask_image=padded_png(size, "L", MAX_IMAGE_BYTES),
+        mask_blur=MAX_MASK_BLUR,
     )
-    assert largest.ByteSize() <= max_request_bytes(limits.max_images)
+    assert 2 * MAX_IMAGE_BYTES < largest.ByteSize() <= max_request_bytes(limits.max_images)
     validate(largest, {tiny_model.name: tiny_model}, tiny_model.name)  # valid, so it must get through
     oversized = pb.GenerateRequest(prompt="x" * (max_request_bytes(limits.max_images) + 1))
     with serving(tiny_model) as (_, stub, _):
