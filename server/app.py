@@ -22,6 +22,7 @@ from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 from .interceptors import RequestGuard
 from .models import ModelDefaults, ServedModel, load_model
 from .params import MAX_MODEL_NAME_CHARS, max_request_bytes
+from .security import TlsFiles, TokenAuth, keepalive_options, server_credentials
 from .service import DiffusionService
 from .worker import InferenceWorker, WorkerConfig
 
@@ -66,6 +67,15 @@ class ServerConfig:
     trt_options: Any = None
     # Only the running stage's engines resident, each stage loading its own: for boards with little shared memory.
     low_memory: bool = False
+    # TLS on the port (mutual TLS with a client CA); None: plaintext, for a loopback or a TLS-terminating proxy.
+    tls: TlsFiles | None = None
+    # Bearer tokens the port accepts (from a file or the environment); empty: no token asked.
+    auth_tokens: tuple[str, ...] = ()
+    # With tokens: whether health checks (probes carry none) and reflection stay open.
+    open_health: bool = True
+    open_reflection: bool = True
+    # The longest a request may run: calls on a connection asked to reconnect get this long to finish.
+    longest_request_s: float = 600.0
 
 
 def load_models(config: ServerConfig) -> dict[str, ServedModel]:
@@ -117,13 +127,20 @@ class Running:
 async def start_server(config: ServerConfig, models: Mapping[str, ServedModel]) -> Running:
     """Starts the worker and the server; config.port 0 binds a free port, reported in Running.port."""
     worker = InferenceWorker(config.worker).start()
-    server = grpc.aio.server(interceptors=[RequestGuard()], options=server_options(models))
+    auth = [TokenAuth(config.auth_tokens, config.open_health, config.open_reflection)] if config.auth_tokens else []
+    options = server_options(models) + keepalive_options(config.longest_request_s)
+    server = grpc.aio.server(interceptors=[*auth, RequestGuard()], options=options)
     service = DiffusionService(models, next(iter(models)), worker)
     pb_grpc.add_DiffusionServiceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    address = f"{config.host}:{config.port}"
+    port = (
+        server.add_secure_port(address, server_credentials(config.tls))
+        if config.tls
+        else server.add_insecure_port(address)
+    )
     if port == 0:
         raise OSError(f"could not bind {config.host}:{config.port}")
     await server.start()

@@ -144,6 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         worker=WorkerConfig(
             queue_capacity=args.queue_capacity, batching=not args.no_batching, max_batch_wait_ms=args.max_batch_wait_ms
         ),
+        **security_settings(args),
     )
     try:
         serve(config)
@@ -152,6 +153,52 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"serve: cannot start: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def security_settings(args: argparse.Namespace) -> dict:
+    """serve's TLS and token settings; SystemExit naming the setting when they cannot be used."""
+    from .security import SecurityError, TlsFiles, load_tokens
+
+    if (args.tls_cert is None) != (args.tls_key is None) or (args.tls_client_ca and not args.tls_cert):
+        raise SystemExit("--tls-cert and --tls-key: give both for TLS (and --tls-client-ca only with them)")
+    try:
+        tokens = load_tokens(args.auth_token_file)
+    except SecurityError as error:
+        raise SystemExit(str(error)) from None
+    tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    return {
+        "tls": tls,
+        "auth_tokens": tokens,
+        "open_health": not args.auth_health,
+        "open_reflection": not args.auth_reflection,
+        "longest_request_s": args.longest_request_s,
+    }
+
+
+def client_connection(args: argparse.Namespace):
+    """The client's Connection from --server (one or several addresses), the TLS options and the token."""
+    from .client import connection
+    from .security import SecurityError, client_token
+
+    try:
+        tls = bool(args.tls or args.tls_ca or args.tls_cert)
+        settings = {"tls": tls, "tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
+        return connection(args.server, token=client_token(args.auth_token_file), **settings)
+    except (SecurityError, ValueError) as error:
+        raise SystemExit(str(error)) from None
+
+
+def add_client_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--server", default="127.0.0.1:50051", help="HOST:PORT; several, comma-separated, are balanced round-robin"
+    )
+    p.add_argument("--tls", action="store_true", help="TLS, trusting the system's CAs (or --tls-ca)")
+    p.add_argument("--tls-ca", help="TLS: the CA certificate (PEM) the server's certificate chains to")
+    p.add_argument("--tls-cert", help="mutual TLS: this client's certificate (PEM)")
+    p.add_argument("--tls-key", help="mutual TLS: this client's private key (PEM)")
+    p.add_argument(
+        "--auth-token-file", help="a file whose first line is the bearer token (else $DIFFUSERVE_AUTH_TOKEN)"
+    )
 
 
 def read_input_file(path: str | None, flag: str) -> bytes:
@@ -169,6 +216,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .client import ClientRequest, ProgressBar, request_generate, stream_generate, write_images
 
+    link = client_connection(args)
     request = ClientRequest(
         prompt=args.prompt,
         negative_prompt=args.negative,
@@ -192,9 +240,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     try:
         if args.stream:
-            response = stream_generate(args.server, request.to_proto(), ProgressBar(), timeout_s=args.timeout)
+            response = stream_generate(link, request.to_proto(), ProgressBar(), timeout_s=args.timeout)
         else:
-            response = request_generate(args.server, request.to_proto(), timeout_s=args.timeout)
+            response = request_generate(link, request.to_proto(), timeout_s=args.timeout)
     except grpc.RpcError as e:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1
@@ -395,6 +443,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-guidance", type=float, help="guidance for requests that leave it unset (the model's)")
     p.add_argument("--max-steps", type=int, default=ModelDefaults.max_steps)
     p.add_argument("--max-images", type=int, default=ModelDefaults.max_images)
+    p.add_argument("--tls-cert", help="TLS: the server's certificate chain (PEM file)")
+    p.add_argument("--tls-key", help="TLS: the server's private key (PEM file)")
+    p.add_argument("--tls-client-ca", help="mutual TLS: clients must present a certificate this CA (PEM) signed")
+    p.add_argument(
+        "--auth-token-file",
+        help="bearer tokens, one per line, that calls must carry (also $DIFFUSERVE_AUTH_TOKEN(S)); never on argv",
+    )
+    p.add_argument("--auth-health", action="store_true", help="with tokens: health checks need a token too")
+    p.add_argument("--auth-reflection", action="store_true", help="with tokens: reflection needs a token too")
+    p.add_argument(
+        "--longest-request-s",
+        type=float,
+        default=ServerConfig.longest_request_s,
+        help="the longest a request runs: a connection asked to reconnect (every 5 min) gets this long to finish",
+    )
     p.add_argument(
         "--text-cache-mb",
         type=float,
@@ -427,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="ask a server for an image")
     p.add_argument("prompt")
-    p.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT")
+    add_client_arguments(p)
     p.add_argument("-o", "--output", default="out.png")
     p.add_argument("--model", default="")
     p.add_argument("--negative", default="")

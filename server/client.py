@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
 from .app import CHANNEL_OPTIONS
 from .params import format_enum, noise_mode_enum, scheduler_enum
+from .security import channel_credentials
 
 FILE_SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
 
@@ -73,21 +75,97 @@ class ClientRequest:
         return request
 
 
-def request_generate(address: str, request: pb.GenerateRequest, timeout_s: float | None = None) -> pb.GenerateResponse:
-    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        return pb_grpc.DiffusionServiceStub(channel).Generate(request, timeout=timeout_s)
+# Retries, and the balancing policy, as service config rather than client loops: gRPC retries a call refused before
+# any response (a replica draining answers UNAVAILABLE, a full queue RESOURCE_EXHAUSTED with grpc-retry-pushback-ms,
+# which the retry honours over its own backoff), on another replica where there are several.
+SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [
+        {
+            "name": [{"service": "diffuserve.v1.DiffusionService"}],
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.2s",
+                "maxBackoff": "5s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+            },
+        }
+    ],
+}
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where and how a client reaches diffuserve: one or several addresses (balanced round-robin), TLS, a token."""
+
+    addresses: tuple[str, ...]
+    # TLS: the CA to trust (None with tls: the system's); a certificate and key for mutual TLS.
+    tls: bool = False
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    token: str | None = None
+
+    @property
+    def target(self) -> str:
+        """One address as it is (host:port, or a resolver URI such as dns:///name:port, whose addresses are all
+        used); several host:port as gRPC's static list, which round-robin spreads calls over."""
+        if len(self.addresses) == 1:
+            return self.addresses[0]
+        return "ipv4:" + ",".join(self.addresses)
+
+    def channel(self) -> grpc.Channel:
+        options = [*CHANNEL_OPTIONS, ("grpc.service_config", json.dumps(SERVICE_CONFIG)), ("grpc.enable_retries", 1)]
+        if self.tls:
+            credentials = channel_credentials(self.tls_ca, self.tls_cert, self.tls_key)
+            return grpc.secure_channel(self.target, credentials, options=options)
+        return grpc.insecure_channel(self.target, options=options)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The token as call metadata (not call credentials: those need TLS, and a TLS-terminating proxy may sit in
+        front of a plaintext port)."""
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
+def connection(addresses: str | Sequence[str], **settings) -> Connection:
+    """A Connection from one address or several (a comma-separated string or a sequence)."""
+    if isinstance(addresses, str):
+        addresses = [a.strip() for a in addresses.split(",")]
+    addresses = tuple(a for a in addresses if a)
+    if not addresses:
+        raise ValueError("--server: give at least one HOST:PORT")
+    if len(addresses) > 1 and any(
+        ":///" in a or not a.rsplit(":", 1)[0].replace(".", "").isdigit() for a in addresses
+    ):
+        raise ValueError(
+            "--server: several addresses must be IPv4 HOST:PORT; for a name with several addresses give one "
+            "dns:///NAME:PORT"
+        )
+    return Connection(addresses, **settings)
+
+
+def request_generate(
+    server: str | Connection, request: pb.GenerateRequest, timeout_s: float | None = None
+) -> pb.GenerateResponse:
+    link = server if isinstance(server, Connection) else connection(server)
+    with link.channel() as channel:
+        return pb_grpc.DiffusionServiceStub(channel).Generate(request, timeout=timeout_s, metadata=link.metadata)
 
 
 def stream_generate(
-    address: str,
+    server: str | Connection,
     request: pb.GenerateRequest,
     on_event: Callable[[pb.GenerateEvent], None],
     timeout_s: float | None = None,
 ) -> pb.GenerateResponse:
     """GenerateStream, reassembled into the response Generate would have given; every event goes to on_event."""
+    link = server if isinstance(server, Connection) else connection(server)
     images: list[pb.Image] = []
-    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        for event in pb_grpc.DiffusionServiceStub(channel).GenerateStream(request, timeout=timeout_s):
+    with link.channel() as channel:
+        stub = pb_grpc.DiffusionServiceStub(channel)
+        for event in stub.GenerateStream(request, timeout=timeout_s, metadata=link.metadata):
             on_event(event)
             if event.HasField("image"):
                 images.append(event.image)

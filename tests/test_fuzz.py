@@ -225,6 +225,9 @@ INVALID_REQUESTS = {
     "nesting past 100": ({"prompt": "(" * 49 + "a" + ")" * 49}, "prompt"),
     "negative weight past 100": ({"negative_prompt": "(a:-1000)"}, "negative_prompt"),
     "prompt of 10001 characters": ({"prompt": "a" * 10_001}, "prompt"),
+    "width not served": ({"width": 64}, "width"),
+    "height not served with an init image": ({"init_image": png((192, 128)), "height": 4_000_000}, "height"),
+    "size of an init image not served": ({"init_image": png((200, 200)), "width": 200, "height": 200}, "width"),
 }
 
 
@@ -237,8 +240,11 @@ def test_requests_invalid_whatever_else_must_be_refused_naming_why(fields: dict,
     assert rules(case, Outcome("INVALID_ARGUMENT", "quality: not like this")) == [
         "INVALID_ARGUMENT does not name a field that is invalid"
     ]
-    # Other ends (a deadline, a full queue) are not the fuzzer's to judge by the request.
-    assert rules(case, Outcome("DEADLINE_EXCEEDED", "Deadline Exceeded")) == []
+    # It is refused before any work: waiting out the deadline is a hang. Other ends are not the fuzzer's to judge.
+    assert rules(case, Outcome("DEADLINE_EXCEEDED", "Deadline Exceeded")) == [
+        "DEADLINE_EXCEEDED for a request that must be refused"
+    ]
+    assert rules(case, Outcome("UNAVAILABLE", "draining")) == []
 
 
 # Edge values that are valid, or whose validity depends on fields the fuzzer does not model: no refusal claimed.

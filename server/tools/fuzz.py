@@ -1243,17 +1243,19 @@ def too_large(case: Case, outcome: Outcome) -> bool:
 
 
 def refusal_problems(case: Case, outcome: Outcome, target: Target) -> list[Problem]:
-    """A request invalid whatever its other fields must not be served, and its INVALID_ARGUMENT must name a field
-    for each reason (or one whose error stops the server before that check)."""
-    if outcome.code not in ("OK", "INVALID_ARGUMENT"):
+    """A request invalid whatever its other fields must not be served, nor wait out its deadline (it is refused
+    before any work), and its INVALID_ARGUMENT must name a field for each reason (or one whose error stops the
+    server before that check)."""
+    if outcome.code not in ("OK", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED"):
         return []
     refusals = expected_refusals(case.request, target)
+    if not refusals:
+        return []
+    reasons = "; ".join(refusal.reason for refusal in refusals)
     if outcome.code == "OK":
-        return (
-            [Problem("OK for a request that must be refused", "; ".join(r.reason for r in refusals))]
-            if refusals
-            else []
-        )
+        return [Problem("OK for a request that must be refused", reasons)]
+    if outcome.code == "DEADLINE_EXCEEDED":
+        return [Problem("DEADLINE_EXCEEDED for a request that must be refused", reasons)]
     named = error_fields(outcome.message)
     missed = [refusal.reason for refusal in refusals if not refusal.fields & named]
     return [Problem("INVALID_ARGUMENT does not name a field that is invalid", "; ".join(missed))] if missed else []
@@ -1304,7 +1306,8 @@ def guided_request(request: pb.GenerateRequest, target: Target) -> bool:
 
 def image_refusals(request: pb.GenerateRequest, target: Target) -> list[Refusal]:
     """Image fields too large, not decodable PNG/JPEG/WebP (or more pixels than allowed), a mask without its image,
-    of another size or of several channels, an image refused its resize."""
+    of another size or of several channels, a size not served (the init image's where width or height is 0), an
+    image refused its resize."""
     found = []
     images = {name: getattr(request, name) for name in ("init_image", "mask_image")}
     decoded = {}
@@ -1325,6 +1328,8 @@ def image_refusals(request: pb.GenerateRequest, target: Target) -> list[Refusal]
         blockers = ("mask_image", "init_image", "width", "height", "mask_blur")
         found.append(refusal(f"mask_image: mode {mask[1]}", *blockers))
     size = request_size(request, target, init[0] if init else None)
+    if size not in target.sizes:
+        found.append(refusal(f"width, height: {size[0]}x{size[1]} not served", "width", "height"))
     if init is not None and request.resize_mode == pb.RESIZE_MODE_REFUSE and size in target.sizes and size != init[0]:
         found.append(refusal(f"init_image: {init[0]} refused a resize to {size}", "init_image"))
     return found
