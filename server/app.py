@@ -20,6 +20,7 @@ from diffuserve.v1 import diffusion_pb2 as pb
 from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
 from .interceptors import RequestGuard
+from .metrics import Metrics, start_metrics_server
 from .models import ModelDefaults, ServedModel, load_model
 from .params import MAX_MODEL_NAME_CHARS, max_request_bytes
 from .security import TlsFiles, TokenAuth, keepalive_options, server_credentials
@@ -76,6 +77,8 @@ class ServerConfig:
     open_reflection: bool = True
     # The longest a request may run: calls on a connection asked to reconnect get this long to finish.
     longest_request_s: float = 600.0
+    # Prometheus metrics on this port (0: any free one); None: none.
+    metrics_port: int | None = None
 
 
 def load_models(config: ServerConfig) -> dict[str, ServedModel]:
@@ -122,15 +125,22 @@ class Running:
     health: health.aio.HealthServicer
     service: DiffusionService
     worker: InferenceWorker
+    # The /metrics HTTP server, when there is one (its port: .server_port).
+    metrics: Any = None
 
 
 async def start_server(config: ServerConfig, models: Mapping[str, ServedModel]) -> Running:
     """Starts the worker and the server; config.port 0 binds a free port, reported in Running.port."""
     worker = InferenceWorker(config.worker).start()
+    metrics = metrics_endpoint = None
+    if config.metrics_port is not None:
+        metrics = Metrics(models, lambda: worker.depth)
+        worker.on_batch = metrics.batch_done
+        metrics_endpoint, _ = start_metrics_server(metrics, config.host, config.metrics_port)
     auth = [TokenAuth(config.auth_tokens, config.open_health, config.open_reflection)] if config.auth_tokens else []
     options = server_options(models) + keepalive_options(config.longest_request_s)
     server = grpc.aio.server(interceptors=[*auth, RequestGuard()], options=options)
-    service = DiffusionService(models, next(iter(models)), worker)
+    service = DiffusionService(models, next(iter(models)), worker, metrics)
     pb_grpc.add_DiffusionServiceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -146,7 +156,7 @@ async def start_server(config: ServerConfig, models: Mapping[str, ServedModel]) 
     await server.start()
     for name in ("", SERVICE_NAME, *models):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, port, health_servicer, service, worker)
+    return Running(server, port, health_servicer, service, worker, metrics_endpoint)
 
 
 async def drain(running: Running, grace_s: float) -> None:
@@ -159,6 +169,9 @@ async def drain(running: Running, grace_s: float) -> None:
     # Lets the finished calls send their responses; anything still running past the grace is cancelled.
     await running.server.stop(max(0.0, until - time.monotonic()) + RESPONSE_FLUSH_S)
     await asyncio.get_running_loop().run_in_executor(None, running.worker.stop)
+    if running.metrics is not None:
+        running.metrics.shutdown()
+        running.metrics.server_close()
 
 
 def serve(config: ServerConfig) -> None:

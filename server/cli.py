@@ -12,6 +12,7 @@ from diffuserve.engine.loader import BACKENDS
 from diffuserve.engine.manifest import TARGETS
 
 from .app import ServerConfig
+from .logs import LOG_FORMATS, configure_logging
 from .models import BUNDLED_MODEL, ModelDefaults
 from .noise import NOISE_MODES
 from .params import IMAGE_FORMATS
@@ -172,6 +173,7 @@ def security_settings(args: argparse.Namespace) -> dict:
         "open_health": not args.auth_health,
         "open_reflection": not args.auth_reflection,
         "longest_request_s": args.longest_request_s,
+        "metrics_port": args.metrics_port,
     }
 
 
@@ -358,6 +360,9 @@ def add_backend_arguments(p: argparse.ArgumentParser, default: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffuserve", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--log-format", choices=LOG_FORMATS, default="text", help="json: one object per line, for log collectors"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="diffusers folder -> ONNX + manifest")
@@ -443,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-guidance", type=float, help="guidance for requests that leave it unset (the model's)")
     p.add_argument("--max-steps", type=int, default=ModelDefaults.max_steps)
     p.add_argument("--max-images", type=int, default=ModelDefaults.max_images)
+    p.add_argument(
+        "--metrics-port", type=int, help="Prometheus metrics on this port (needs diffuserve[metrics]); 0: any free"
+    )
     p.add_argument("--tls-cert", help="TLS: the server's certificate chain (PEM file)")
     p.add_argument("--tls-key", help="TLS: the server's private key (PEM file)")
     p.add_argument("--tls-client-ca", help="mutual TLS: clients must present a certificate this CA (PEM) signed")
@@ -586,9 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.verbose, args.log_format)
     return args.func(args)
 
 

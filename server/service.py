@@ -15,9 +15,11 @@ import grpc
 from diffuserve.v1 import diffusion_pb2 as pb
 from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
+from .metrics import Metrics
 from .models import ServedModel
 from .noise import DEFAULT_NOISE_MODE
 from .params import (
+    MAX_REQUEST_ID_CHARS,
     GenerateParams,
     InvalidArgument,
     ModelNotFound,
@@ -46,6 +48,8 @@ log = logging.getLogger(__name__)
 
 # gRPC's standard trailer for "retry after this many ms"; clients with a retry policy honour it.
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+# The request id as metadata: taken from the caller where the request has none, and sent back on every call.
+REQUEST_ID_KEY = "x-request-id"
 _DONE = object()
 
 
@@ -57,24 +61,45 @@ def package_version(name: str) -> str:
 
 
 class DiffusionService(pb_grpc.DiffusionServiceServicer):
-    def __init__(self, models: Mapping[str, ServedModel], default_model: str, worker: InferenceWorker):
+    def __init__(
+        self,
+        models: Mapping[str, ServedModel],
+        default_model: str,
+        worker: InferenceWorker,
+        metrics: Metrics | None = None,
+    ):
         self.models = models
         self.default_model = default_model
         self.worker = worker
+        self.metrics = metrics
         self.draining = False
+
+    def _record(self, model: str, outcome: str, job: Job | None = None) -> None:
+        if self.metrics is not None:
+            self.metrics.finished(model, outcome, job)
+
+    async def _refuse(
+        self, context, model: str, outcome: str, code: grpc.StatusCode, message: str, job: Job | None = None
+    ) -> None:
+        self._record(model, outcome, job)
+        await context.abort(code, message)
 
     async def _accept(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, listener: Callable[[Event], None] | None
     ) -> Job:
         """Validates and queues a request, or ends the call with the status that says why not."""
+        model = request.model or self.default_model
         if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            await self._refuse(context, model, "rejected", grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        if not request.request_id:  # a request id given as metadata, as proxies and tracing set it
+            request.request_id = metadata_request_id(context)
         try:
             params = validate(request, self.models, self.default_model)
         except ModelNotFound as e:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+            await self._refuse(context, model, "invalid", grpc.StatusCode.NOT_FOUND, str(e))
         except InvalidArgument as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            await self._refuse(context, model, "invalid", grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        await context.send_initial_metadata(((REQUEST_ID_KEY, params.request_id),))
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         job = Job(self.models[params.model], params, deadline, listener, params.preview_interval)
@@ -82,27 +107,39 @@ class DiffusionService(pb_grpc.DiffusionServiceServicer):
             self.worker.submit(job)
         except QueueFull as e:
             context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(e.retry_after_ms)),))
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            await self._refuse(context, model, "rejected", grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except WorkerStopping:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            await self._refuse(context, model, "rejected", grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        if self.metrics is not None:
+            self.metrics.accepted()
         return job
 
     async def _finish(self, job: Job, context: grpc.aio.ServicerContext) -> GenerateResult:
         """Waits for the job's result, ending the call with the status that says why there is none."""
+        model = job.params.model
         try:
-            return await outcome(job)
+            result = await outcome(job)
         except DeadlineExceeded as e:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+            log_done(job, "deadline")
+            await self._refuse(context, model, "deadline", grpc.StatusCode.DEADLINE_EXCEEDED, str(e), job)
         except JobCancelled as e:
-            await context.abort(grpc.StatusCode.CANCELLED, str(e))
+            log_done(job, "cancelled")
+            await self._refuse(context, model, "cancelled", grpc.StatusCode.CANCELLED, str(e), job)
         except RequestFailed as e:  # this request failed (logged with its cause); the server lives on
-            await context.abort(grpc.StatusCode.INTERNAL, str(e))
+            log_done(job, "failed")
+            await self._refuse(context, model, "failed", grpc.StatusCode.INTERNAL, str(e), job)
+        except asyncio.CancelledError:  # the caller went away while waiting
+            log_done(job, "cancelled")
+            self._record(model, "cancelled", job)
+            raise
+        log_done(job, "ok")
+        self._record(model, "ok", job)
+        return result
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         job = await self._accept(request, context, listener=None)
         with cancel_if_abandoned(job):
             result = await self._finish(job, context)
-        log_done(job)
         return response_for(job, result, with_images=True)
 
     async def GenerateStream(
@@ -121,7 +158,6 @@ class DiffusionService(pb_grpc.DiffusionServiceServicer):
             while (event := await events.get()) is not _DONE:
                 yield event_proto(request_id, job, event)
             result = await self._finish(job, context)
-        log_done(job)
         yield pb.GenerateEvent(request_id=request_id, completed=response_for(job, result, with_images=False))
 
     async def ListModels(
@@ -188,18 +224,48 @@ def cancel_if_abandoned(job: Job) -> Iterator[None]:
         job.cancel()
 
 
-def log_done(job: Job) -> None:
-    p = job.params
+def log_done(job: Job, outcome: str) -> None:
+    """One line per request: what it asked, how it ended, where its time went (JSON fields with --log-format json)."""
+    p, t = job.params, job.times
+    fields = {
+        "request_id": p.request_id,
+        "model": p.model,
+        "task": p.task,
+        "size": f"{p.width}x{p.height}",
+        "images": p.num_images,
+        "steps": p.steps,
+        "sampler": p.scheduler,
+        "outcome": outcome,
+        "batch": job.batch_size,
+        "queue_ms": round(t.queue_ms, 1),
+        "text_encoder_ms": round(t.text_encoder_ms, 1),
+        "denoise_ms": round(t.denoise_ms, 1),
+        "vae_decode_ms": round(t.vae_decode_ms, 1),
+        "total_ms": round(t.total_ms, 1),
+    }
     log.info(
-        "request %s: %s, %d image(s), %d steps, %s, batch of %d, %.0f ms",
+        "request %s: %s, model %s, %s %s, %d image(s), %d steps %s, batch of %d, %.0f ms (queue %.0f)",
         p.request_id,
+        outcome,
+        p.model,
         p.task,
+        fields["size"],
         p.num_images,
         p.steps,
         p.scheduler,
         job.batch_size,
-        job.times.total_ms,
+        t.total_ms,
+        t.queue_ms,
+        extra={"fields": fields},
     )
+
+
+def metadata_request_id(context: grpc.aio.ServicerContext) -> str:
+    """The caller's x-request-id metadata, where it is a usable id; else empty (validation generates one)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and len(value) <= MAX_REQUEST_ID_CHARS:
+            return value if value.isprintable() else ""
+    return ""
 
 
 def image_proto(params: GenerateParams, index: int, data: bytes, mime_type: str) -> pb.Image:

@@ -179,6 +179,8 @@ class InferenceWorker:
         # Milliseconds per job, smoothed: the basis of the retry hint.
         self._job_ms = 1000.0
         self.steps_run = 0
+        # Told of every batch that left the engines (metrics); errors in it never reach the batch's requests.
+        self.on_batch: Callable[[list[Job]], None] | None = None
 
     def start(self) -> InferenceWorker:
         self._thread.start()
@@ -296,6 +298,11 @@ class InferenceWorker:
         model = ready[0].model
         pixels = render_members(model, ready)
         self.steps_run += sum(job.steps_done for job in ready)
+        if self.on_batch is not None:
+            try:
+                self.on_batch(ready)
+            except Exception:  # an observer's bug must not fail requests whose images are made
+                log.exception("batch observer failed")
         for job, job_pixels in zip(ready, pixels, strict=True):
             self._deliver(job, job_pixels)
         self._job_ms = 0.8 * self._job_ms + 0.2 * (time.perf_counter() - start) * 1e3 / len(ready)
