@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from .models import BUNDLED_MODEL, ModelDefaults
 from .noise import NOISE_MODES
 from .params import IMAGE_FORMATS
 from .schedulers import SAMPLERS
+from .settings import SettingsError, check_ranges, with_settings
 from .tools.demo import DEMO_PROMPT
 from .tools.synthetic import add_synthetic_arguments, cmd_synthetic
 from .worker import WorkerConfig
@@ -361,7 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffuserve", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument(
-        "--log-format", choices=LOG_FORMATS, default="text", help="json: one object per line, for log collectors"
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=os.environ.get("DIFFUSERVE_LOG_FORMAT", "text"),
+        help="json: one object per line, for log collectors (also $DIFFUSERVE_LOG_FORMAT)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -438,16 +443,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_build_engines)
 
-    p = sub.add_parser("serve", help="serve exported models over gRPC")
+    p = sub.add_parser(
+        "serve",
+        help="serve exported models over gRPC",
+        epilog="Every setting also comes from the environment, DIFFUSERVE_ and its name in capitals "
+        "(DIFFUSERVE_QUEUE_CAPACITY=8, DIFFUSERVE_MODELS='a b'), and from a TOML file (--config; keys as the "
+        "flags without dashes: queue_capacity = 8, models = ['a', 'b'], optionally under [serve]). Flags win over "
+        "the environment, the environment over the file. Tokens only from --auth-token-file or "
+        "DIFFUSERVE_AUTH_TOKEN(S).",
+    )
     p.add_argument("models", nargs="*", help="folders made by 'diffuserve export' (default: the bundled model)")
-    p.add_argument("--host", default="[::]")
-    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--config", help="a TOML file of settings (also $DIFFUSERVE_CONFIG)")
+    p.add_argument("--host", default="[::]", help="the address to listen on (default: every interface)")
+    p.add_argument("--port", type=int, default=50051, help="the gRPC port (0: any free one)")
     add_backend_arguments(p, default="auto")
     p.add_argument("--threads", type=int, help="intra-op threads per engine (default: the cores available)")
     p.add_argument("--default-steps", type=int, help="steps for requests that leave them unset (default: the model's)")
     p.add_argument("--default-guidance", type=float, help="guidance for requests that leave it unset (the model's)")
-    p.add_argument("--max-steps", type=int, default=ModelDefaults.max_steps)
-    p.add_argument("--max-images", type=int, default=ModelDefaults.max_images)
+    p.add_argument(
+        "--max-steps", type=int, default=ModelDefaults.max_steps, help="the most steps a request may ask for"
+    )
+    p.add_argument(
+        "--max-images", type=int, default=ModelDefaults.max_images, help="the most images a request may ask for"
+    )
     p.add_argument(
         "--metrics-port", type=int, help="Prometheus metrics on this port (needs diffuserve[metrics]); 0: any free"
     )
@@ -593,9 +611,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if args.command == "serve":  # its settings may also come from the environment and a TOML file
+        try:
+            serve_args = with_settings(subcommand(parser, "serve"), argv[argv.index("serve") + 1 :])
+            check_ranges(serve_args)
+            configure_logging(args.verbose, args.log_format)
+        except (SettingsError, ValueError) as error:
+            print(f"serve: {error}", file=sys.stderr)
+            return 2
+        return serve_args.func(argparse.Namespace(**{**vars(args), **vars(serve_args)}))
     configure_logging(args.verbose, args.log_format)
     return args.func(args)
+
+
+def subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices[name]
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import math
 import re
 import struct
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -28,17 +28,15 @@ from .models import ServedModel
 from .noise import NOISE_MODES
 from .params import InvalidArgument, noise_mode_enum, quote, scheduler_enum, validate
 from .pipeline import GenerateResult, to_uint8
-from .service import RETRY_PUSHBACK_KEY, cancel_if_abandoned, log_done, outcome, package_version
-from .worker import (
-    SHUTTING_DOWN,
-    DeadlineExceeded,
-    InferenceWorker,
-    Job,
-    JobCancelled,
-    QueueFull,
-    RequestFailed,
-    WorkerStopping,
+from .service import (
+    REQUEST_ID_KEY,
+    RETRY_PUSHBACK_KEY,
+    DiffusionService,
+    cancel_if_abandoned,
+    metadata_request_id,
+    package_version,
 )
+from .worker import SHUTTING_DOWN, InferenceWorker, Job, QueueFull, WorkerStopping
 
 log = logging.getLogger(__name__)
 
@@ -140,16 +138,17 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         models: Mapping[str, ServedModel],
         default_model: str,
         worker: InferenceWorker,
-        draining: Callable[[], bool] | None = None,
+        service: DiffusionService | None = None,
     ):
         self.models = models
         self.default_model = default_model
         self.worker = worker
-        # DiffusionService's flag, when the server drains: both services stop taking requests together.
-        self._draining = draining or (lambda: False)
+        # The port's DiffusionService: its draining flag, metrics, log line and status mapping are this service's
+        # too, so a request counts and ends the same whichever protocol it came by.
+        self.service = service if service is not None else DiffusionService(models, default_model, worker)
 
     def ready(self) -> bool:
-        return self.worker.alive and not self._draining()
+        return self.worker.alive and not self.service.draining
 
     async def ServerLive(self, request: oip.ServerLiveRequest, context: grpc.aio.ServicerContext):
         return oip.ServerLiveResponse(live=True)
@@ -168,54 +167,44 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelMetadata(self, request: oip.ModelMetadataRequest, context: grpc.aio.ServicerContext):
-        model = await self._model(request.name, request.version, context)
-        return model_metadata(model)
+        problem = model_problem(self.models, self.default_model, request.name, request.version)
+        if problem:
+            await context.abort(grpc.StatusCode.NOT_FOUND, problem)
+        return model_metadata(self.models[request.name or self.default_model])
 
     async def ModelInfer(
         self, request: oip.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> oip.ModelInferResponse:
-        if self._draining():
-            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
-        model = await self._model(request.model_name, request.model_version, context)
+        service = self.service
+        name = request.model_name or self.default_model
+        if service.draining:
+            await service._refuse(context, name, "rejected", grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        problem = model_problem(self.models, self.default_model, request.model_name, request.model_version)
+        if problem:
+            await service._refuse(context, name, "invalid", grpc.StatusCode.NOT_FOUND, problem)
+        model = self.models[name]
         try:
             wanted = requested_outputs(request)
-            params = validate(generate_request(model, request), self.models, self.default_model)
+            generate = generate_request(model, request)
+            if not generate.request_id:  # a request id given as metadata, as proxies and tracing set it
+                generate.request_id = metadata_request_id(context)
+            params = validate(generate, self.models, self.default_model)
         except InvalidArgument as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, oip_names(str(e)))
+            await service._refuse(context, name, "invalid", grpc.StatusCode.INVALID_ARGUMENT, oip_names(str(e)))
+        await context.send_initial_metadata(((REQUEST_ID_KEY, params.request_id),))
         job = Job(model, params, deadline(request, context))
         try:
             self.worker.submit(job)
         except QueueFull as e:
             context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(e.retry_after_ms)),))
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            await service._refuse(context, name, "rejected", grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except WorkerStopping:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            await service._refuse(context, name, "rejected", grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+        if service.metrics is not None:
+            service.metrics.accepted()
         with cancel_if_abandoned(job):
-            try:
-                result = await outcome(job)
-            except DeadlineExceeded as e:
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
-            except JobCancelled as e:
-                await context.abort(grpc.StatusCode.CANCELLED, str(e))
-            except RequestFailed as e:  # this request failed (logged with its cause); the server lives on
-                await context.abort(grpc.StatusCode.INTERNAL, str(e))
-        log_done(job)
+            result = await service._finish(job, context)
         return infer_response(job, result, wanted)
-
-    async def _model(self, name: str, version: str, context: grpc.aio.ServicerContext) -> ServedModel:
-        """The named model (empty: the server's default, as in DiffusionService), or the call ends NOT_FOUND."""
-        model = self.models.get(name or self.default_model)
-        if model is None:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"model_name: no model named {quote(name)}; this server has {sorted(self.models)}",
-            )
-        if version not in ("", MODEL_VERSION):
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"model_version: model {model.name!r} has version {MODEL_VERSION!r} only, got {quote(version)}",
-            )
-        return model
 
 
 def add_oip_service(
@@ -223,13 +212,23 @@ def add_oip_service(
     models: Mapping[str, ServedModel],
     default_model: str,
     worker: InferenceWorker,
-    draining: Callable[[], bool] | None = None,
+    service: DiffusionService | None = None,
 ) -> InferenceService:
-    """Registers inference.GRPCInferenceService on the server, over the worker DiffusionService uses. `draining`
-    (e.g. `lambda: service.draining`) turns ServerReady false and ModelInfer UNAVAILABLE while the server drains."""
-    servicer = InferenceService(models, default_model, worker, draining)
+    """Registers inference.GRPCInferenceService on the server, over the worker of the port's DiffusionService.
+    Given that `service`, both drain together (ServerReady false, ModelInfer UNAVAILABLE) and share its metrics."""
+    servicer = InferenceService(models, default_model, worker, service)
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     return servicer
+
+
+def model_problem(models: Mapping[str, ServedModel], default_model: str, name: str, version: str) -> str:
+    """Why the named model (empty: the server's default, as in DiffusionService) cannot be found, or ''."""
+    model = models.get(name or default_model)
+    if model is None:
+        return f"model_name: no model named {quote(name)}; this server has {sorted(models)}"
+    if version not in ("", MODEL_VERSION):
+        return f"model_version: model {model.name!r} has version {MODEL_VERSION!r} only, got {quote(version)}"
+    return ""
 
 
 def model_metadata(model: ServedModel) -> oip.ModelMetadataResponse:

@@ -9,7 +9,6 @@ import importlib.util
 import io
 import json
 import math
-import os
 import re
 import shutil
 import struct
@@ -59,6 +58,7 @@ _import_stubs()
 from diffuserve.inference import grpc_service_pb2 as oip  # noqa: E402
 from diffuserve.inference import grpc_service_pb2_grpc as oip_grpc  # noqa: E402
 from diffuserve.server.interceptors import RequestGuard  # noqa: E402
+from diffuserve.server.metrics import Metrics  # noqa: E402
 from diffuserve.server.oip import OIP_SERVICE_NAME, add_oip_service  # noqa: E402
 
 STEPS = 4  # few steps: these tests are about the protocol, not the pictures
@@ -91,10 +91,13 @@ GENERATED = ("grpc_service_pb2.py", "grpc_service_pb2.pyi", "grpc_service_pb2_gr
 async def _start_with_oip(config: app.ServerConfig, models: dict[str, ServedModel]) -> app.Running:
     """app.start_server with the OIP service registered beside DiffusionService, as app.py is to register it."""
     worker = InferenceWorker(config.worker).start()
+    # The metrics without their HTTP endpoint: the tests read the registry.
+    metrics = Metrics(models, lambda: worker.depth)
+    worker.on_batch = metrics.batch_done
     server = grpc.aio.server(interceptors=[RequestGuard()], options=app.server_options(models))
-    service = DiffusionService(models, next(iter(models)), worker)
+    service = DiffusionService(models, next(iter(models)), worker, metrics)
     pb_grpc.add_DiffusionServiceServicer_to_server(service, server)
-    add_oip_service(server, models, service.default_model, worker, draining=lambda: service.draining)
+    add_oip_service(server, models, service.default_model, worker, service)
     health_servicer = health.aio.HealthServicer()
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()
@@ -182,7 +185,7 @@ def outputs_of(response: oip.ModelInferResponse) -> dict[str, np.ndarray]:
 
 def generate_pixels(stub: pb_grpc.DiffusionServiceStub, **fields) -> tuple[np.ndarray, list[int]]:
     """Generate's images decoded from their PNGs: uint8 [N, H, W, 3], and their seeds."""
-    response = stub.Generate(euler_request(**fields))
+    response = stub.Generate(pb.GenerateRequest(**fields))
     images = [np.asarray(Image.open(io.BytesIO(image.data)).convert("RGB")) for image in response.images]
     return np.stack(images), [image.seed for image in response.images]
 
@@ -317,7 +320,7 @@ def test_model_metadata_of_an_unknown_model_is_not_found(oip_stub) -> None:
 def test_infer_pixels_are_those_of_generates_png(oip_stub, stub, tiny_model: ServedModel) -> None:
     response = oip_stub.ModelInfer(basic_request(model=tiny_model.name, id="oip-1"))
     outputs = outputs_of(response)
-    expected, seeds = generate_pixels(stub, prompt=PROMPT, seeds=[SEED], steps=STEPS)
+    expected, seeds = generate_pixels(stub, prompt=PROMPT, seeds=[SEED], steps=STEPS, scheduler=pb.SCHEDULER_EULER)
     assert outputs["image"].shape == (1, 128, 128, 3)
     np.testing.assert_array_equal(outputs["image"], expected)
     assert outputs["seed"].tolist() == seeds == [SEED]
@@ -334,7 +337,9 @@ def test_typed_contents_give_the_same_pixels_and_every_setting_applies(oip_stub,
     contents = oip.InferTensorContents
     request = oip.ModelInferRequest(
         inputs=[
-            tensor(name="prompt", datatype="BYTES", shape=[1, 1], contents=contents(bytes_contents=[b"a blue square"])),
+            tensor(
+                name="prompt", datatype="BYTES", shape=[1, 1], contents=contents(bytes_contents=[b"a blue square"])
+            ),
             tensor(name="negative_prompt", datatype="BYTES", shape=[1], contents=contents(bytes_contents=[b"red"])),
             tensor(name="seed", datatype="INT64", shape=[2], contents=contents(int64_contents=[7, 8])),
             tensor(name="steps", datatype="INT32", shape=[1], contents=contents(int_contents=[3])),
@@ -359,6 +364,7 @@ def test_typed_contents_give_the_same_pixels_and_every_setting_applies(oip_stub,
         width=192,
         height=128,
         num_images=2,
+        scheduler=pb.SCHEDULER_EULER,
     )
     assert outputs["image"].shape == (2, 128, 192, 3)
     np.testing.assert_array_equal(outputs["image"], expected)
@@ -491,6 +497,20 @@ def test_a_cancelled_infer_leaves_the_worker(oip_stub, served) -> None:
     assert server.running.worker.steps_run - before < LONG
 
 
+def test_infer_requests_count_in_the_metrics_and_echo_the_request_id(oip_stub, served, tiny_model) -> None:
+    registry = served[0].running.service.metrics.registry
+
+    def count(outcome: str) -> float:
+        return registry.get_sample_value("diffuserve_requests_total", {"model": tiny_model.name, "outcome": outcome})
+
+    ok, invalid = count("ok"), count("invalid")
+    _, call = oip_stub.ModelInfer.with_call(basic_request(), metadata=[("x-request-id", "from-metadata")])
+    assert call.result().id == "from-metadata"
+    assert ("x-request-id", "from-metadata") in call.initial_metadata()
+    infer_error(oip_stub, raw_request(prompt_input(""), model=tiny_model.name))
+    assert (count("ok"), count("invalid")) == (ok + 1, invalid + 1)
+
+
 def test_a_draining_server_is_not_ready_and_refuses_inference(tiny_model: ServedModel) -> None:
     with serving_oip(tiny_model) as (server, oip_stub, _):
         server.running.service.draining = True
@@ -514,11 +534,19 @@ def tritonclient_python() -> Path:
     subprocess.run([sys.executable, "-m", "venv", str(TRITONCLIENT_VENV)], check=True)
     # Not the project's constraints: tritonclient wants protobuf < 7, which diffuserve's own venv cannot have.
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", TRITONCLIENT_REQUIREMENT],
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            TRITONCLIENT_REQUIREMENT,
+            "numpy",
+        ],
         capture_output=True,
         text=True,
         timeout=PIP_INSTALL_TIMEOUT_S,
-        env={**os.environ, "PIP_CONSTRAINT": ""},
     )
     if install.returncode != 0:
         shutil.rmtree(TRITONCLIENT_VENV, ignore_errors=True)

@@ -28,7 +28,7 @@ from diffuserve.engine.manifest import Manifest
 from diffuserve.server.app import SERVICE_NAME
 from diffuserve.server.models import ModelDefaults, load_model
 from diffuserve.server.params import MAX_MODEL_NAME_CHARS, ModelNotFound, resolve_model
-from diffuserve.server.service import DiffusionService
+from diffuserve.server.service import REQUEST_ID_KEY, DiffusionService
 from diffuserve.server.worker import InferenceWorker, WorkerConfig
 from diffuserve.v1 import diffusion_pb2 as pb
 
@@ -53,6 +53,8 @@ GRPC_SERVICER_FUNCTIONS = (
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 )
 DEFAULT_GRPC_PORT = 9000
+# Ray's proxies route only to applications with an HTTP route, gRPC included; nothing answers HTTP on it.
+ROUTE_PREFIX = "/" + APP_NAME
 # The router only awaits its model deployments, so many calls in flight cost it next to nothing; Ray's default (5)
 # would make it, not the models, the bottleneck.
 ROUTER_MAX_ONGOING_REQUESTS = 1000
@@ -145,13 +147,22 @@ class CallContext:
     through Ray: abort raises RpcError, which the router turns back into the call's status.
 
     Ray's proxy passes no deadline on: when a client's deadline passes, the proxy cancels the call, and that
-    cancellation reaches the worker's job as for a cancelled call (the client sees its own DEADLINE_EXCEEDED)."""
+    cancellation reaches the worker's job as for a cancelled call (the client sees its own DEADLINE_EXCEEDED).
+    A replica cannot send initial metadata through Ray: the router echoes the request id as trailing metadata."""
 
-    def __init__(self) -> None:
+    def __init__(self, invocation_metadata: Sequence[tuple[str, str]] = ()) -> None:
+        self._invocation_metadata = tuple(invocation_metadata)
+        self.initial_metadata: tuple[tuple[str, str], ...] = ()
         self.trailing_metadata: tuple[tuple[str, str], ...] = ()
 
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Sequence = ()) -> None:
         raise RpcError(code.name, details, tuple(trailing_metadata) or self.trailing_metadata)
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._invocation_metadata
+
+    async def send_initial_metadata(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self.initial_metadata = tuple(metadata)
 
     def time_remaining(self) -> float | None:
         return None
@@ -179,13 +190,15 @@ class DiffusionModel:
         log.info("replica serving %s from %s: backend %s (%s) on %s", model.name, folder, model.backend,
                  model.loaded.reason, model.device)  # fmt: skip
 
-    async def Generate(self, request: pb.GenerateRequest) -> pb.GenerateResponse:
-        return await self.service.Generate(request, CallContext())
+    async def Generate(self, request: pb.GenerateRequest, metadata: Sequence = ()) -> pb.GenerateResponse:
+        return await self.service.Generate(request, CallContext(metadata))
 
-    async def GenerateStream(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateEvent]:
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, metadata: Sequence = ()
+    ) -> AsyncIterator[pb.GenerateEvent]:
         # aclosing: when Ray stops this stream (the caller cancelled or went away), the service's stream is closed at
         # once, and that cancels the worker's job, not whenever the garbage collector gets to it.
-        async with contextlib.aclosing(self.service.GenerateStream(request, CallContext())) as events:
+        async with contextlib.aclosing(self.service.GenerateStream(request, CallContext(metadata))) as events:
             async for event in events:
                 yield event
 
@@ -237,12 +250,14 @@ class DiffusionRouter:
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: Any = None) -> pb.GenerateResponse:
         try:
-            response = self.models[self._model(request.model)].Generate.remote(request)
+            response = self.models[self._model(request.model)].Generate.remote(request, forwarded(grpc_context))
             try:
-                return await response
+                answer = await response
             except asyncio.CancelledError:  # the caller cancelled or its deadline passed: so does the model's job
                 response.cancel()
                 raise
+            echo_request_id(grpc_context, answer.request_id)
+            return answer
         except Exception as e:
             return unary_failure(e, grpc_context, pb.GenerateResponse())
 
@@ -250,10 +265,11 @@ class DiffusionRouter:
         self, request: pb.GenerateRequest, grpc_context: Any = None
     ) -> AsyncIterator[pb.GenerateEvent]:
         try:
-            events = self.streams[self._model(request.model)].GenerateStream.remote(request)
+            events = self.streams[self._model(request.model)].GenerateStream.remote(request, forwarded(grpc_context))
             finished = False
             try:
                 async for event in events:
+                    echo_request_id(grpc_context, event.request_id)
                     yield event
                 finished = True
             finally:
@@ -327,6 +343,19 @@ class DiffusionRouter:
                 }
                 self._serving_at = time.monotonic()
             return self._serving
+
+
+def forwarded(grpc_context: Any) -> tuple[tuple[str, str], ...]:
+    """The caller's metadata the model's service reads (x-request-id), from Ray's copy of the call's context."""
+    if grpc_context is None:
+        return ()
+    return tuple((k, v) for k, v in grpc_context.invocation_metadata() if k == REQUEST_ID_KEY and isinstance(v, str))
+
+
+def echo_request_id(grpc_context: Any, request_id: str) -> None:
+    """The request id as trailing metadata: Ray's proxy sends what is set on the context with the call's messages."""
+    if grpc_context is not None and request_id:
+        grpc_context.set_trailing_metadata([(REQUEST_ID_KEY, request_id)])
 
 
 def deployment_serving(overview: Any) -> bool:
@@ -455,4 +484,4 @@ def run(
 ) -> DeploymentHandle:
     """Starts Serve with the gRPC proxy on grpc_port (on the cluster ray.init connected to) and deploys the app."""
     serve.start(grpc_options=grpc_options(grpc_port), http_options={"host": "127.0.0.1", "port": http_port})
-    return serve.run(build_app(model_dirs, **options), name=APP_NAME, route_prefix=None)
+    return serve.run(build_app(model_dirs, **options), name=APP_NAME, route_prefix=ROUTE_PREFIX)
