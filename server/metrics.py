@@ -157,8 +157,14 @@ def start_metrics_server(metrics: Metrics, host: str, port: int):
     """The /metrics endpoint on its own port, on a thread of prometheus_client's; returns (server, thread)."""
     from prometheus_client import start_http_server
 
-    # An IPv6 wildcard as gRPC spells it ("[::]") is "::" to the HTTP server.
+    # An IPv6 wildcard as gRPC spells it ("[::]") is "::" to the HTTP server; on a host without IPv6, where gRPC
+    # quietly listens on IPv4 alone, so does this.
     address = host.strip("[]") or "0.0.0.0"
-    server, thread = start_http_server(port, addr=address, registry=metrics.registry)
+    try:
+        server, thread = start_http_server(port, addr=address, registry=metrics.registry)
+    except OSError:
+        if address != "::":
+            raise
+        server, thread = start_http_server(port, addr="0.0.0.0", registry=metrics.registry)
     log.info("metrics on http://%s:%d/metrics", host, server.server_port)
     return server, thread

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from diffuserve.server.cli import build_parser
+from diffuserve.server.settings import SettingsError, check_ranges, convert, env_name, settable, with_settings
 from diffuserve.v1 import diffusion_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +51,8 @@ K8S_VERSIONS = ("1.30", "1.37")
 QUEUE_DEPTH = "diffuserve_queue_depth"
 REQUESTS_IN_FLIGHT = "diffuserve_requests_in_flight"
 AUTOSCALING_METRICS = (QUEUE_DEPTH, REQUESTS_IN_FLIGHT)
+# Options whose value is a file holding a secret: it must come from a mounted Secret.
+SECRET_FILE_OPTIONS = ("--auth-token-file", "--tls-cert", "--tls-key", "--tls-client-ca")
 # Options the manifests pass that other changes are adding to the CLI now: parsing drops them (and their value) while
 # the parser lacks them, and test_pending_option says which are still missing.
 PENDING_OPTIONS = ("--metrics-port", "--tls-cert", "--tls-key", "--tls-client-ca", "--auth-token-file", "--log-format")
@@ -60,10 +63,9 @@ MIN_DRAIN_MARGIN_S = 10
 # A startup probe that gives up sooner would restart pods still reading their plans from the volume.
 MIN_STARTUP_BUDGET_S = 300
 READINESS_SERVICE = diffusion_pb2.DESCRIPTOR.services_by_name["DiffusionService"].full_name
-VARIABLE = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 
 
-# --- Loading and rendering ---------------------------------------------------------------------------------------------
+# --- Loading and rendering -------------------------------------------------------------------------------------------
 
 
 def load_yaml(path: Path) -> list[dict]:
@@ -201,7 +203,7 @@ def is_custom(document: dict) -> bool:
     return group_version(document)[0] == "keda.sh"
 
 
-# --- The CLI ----------------------------------------------------------------------------------------------------------
+# --- The CLI ---------------------------------------------------------------------------------------------------------
 
 
 def subparser(name: str) -> argparse.ArgumentParser:
@@ -215,16 +217,14 @@ def options_of(name: str) -> set[str]:
     return {o for parser in parsers for action in parser._actions for o in action.option_strings}
 
 
-def expanded_args(container: dict, configmap: dict) -> list[str]:
-    """The container's argv as the kubelet makes it: $(NAME) from the container's environment, here its ConfigMap and
-    its literal env values. An undefined name would stay as written: a failure here."""
-    environment = {**configmap["data"], **{e["name"]: e["value"] for e in container.get("env", []) if "value" in e}}
-
-    def value(match: re.Match) -> str:
-        assert match.group(1) in environment, f"$({match.group(1)}) is defined neither in the ConfigMap nor in env"
-        return environment[match.group(1)]
-
-    return [VARIABLE.sub(value, arg) for arg in container["args"]]
+def pod_environment(documents: list[dict]) -> dict[str, str]:
+    """The server container's environment: its ConfigMaps (envFrom), then its literal env values, which win."""
+    container = server_container(documents)
+    environment = {}
+    for source in container.get("envFrom", []):
+        environment.update(one(documents, "ConfigMap", source["configMapRef"]["name"])["data"])
+    environment.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    return environment
 
 
 def option_values(argv: list[str]) -> dict[str, str]:
@@ -261,7 +261,22 @@ def parse(argv: list[str]) -> argparse.Namespace:
         pytest.fail(f"the CLI refuses {argv}: {errors.getvalue().strip()}")
 
 
-# --- Every file in its place -------------------------------------------------------------------------------------------
+def served_settings(documents: list[dict]) -> argparse.Namespace:
+    """`serve`'s settings as the server makes them in the pod (diffuserve.server.cli.main): its argv (less the
+    options the CLI does not have yet) over DIFFUSERVE_* variables of the pod's environment."""
+    argv = without_pending(server_container(documents)["args"], options_of("serve"))
+    assert parse(argv).command == "serve"
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            args = with_settings(subparser("serve"), argv[argv.index("serve") + 1 :], pod_environment(documents))
+        check_ranges(args)
+    except (SystemExit, SettingsError) as error:
+        pytest.fail(f"serve refuses {argv} in the pod's environment: {errors.getvalue().strip() or error}")
+    return args
+
+
+# --- Every file in its place -----------------------------------------------------------------------------------------
 
 
 def referenced_files(directory: Path) -> Iterator[Path]:
@@ -290,7 +305,7 @@ def test_each_variant_renders(variant: str) -> None:
     assert kinds == sorted([*expected, "Service", autoscaler])
 
 
-# --- Schemas: Kubernetes' own for core kinds, ours for KEDA -------------------------------------------------------------
+# --- Schemas: Kubernetes' own for core kinds, ours for KEDA ----------------------------------------------------------
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -382,7 +397,7 @@ def test_our_scaledobject_schema_fails_broken_documents(breakage) -> None:
         scaledobject_validator().validate(scaled)
 
 
-# --- The autoscalers --------------------------------------------------------------------------------------------------
+# --- The autoscalers -------------------------------------------------------------------------------------------------
 
 
 def hpa_targets(hpa: dict) -> dict[str, str]:
@@ -442,7 +457,7 @@ def test_disruption_budget_leaves_pods_serving() -> None:
     assert "replicas" not in one(documents, "Deployment")["spec"], "the autoscaler owns the replica count"
 
 
-# --- Ports, probes and draining -----------------------------------------------------------------------------------------
+# --- Ports, probes and draining --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -452,7 +467,7 @@ def test_ports_match_across_deployment_services_probes_and_args(variant: str) ->
     container = server_container(documents)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
-    options = option_values(expanded_args(container, one(documents, "ConfigMap")))
+    options = option_values(container["args"])
     assert int(options["--port"]) == ports["grpc"]
     assert int(options["--metrics-port"]) == ports["metrics"]
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
@@ -485,7 +500,7 @@ def test_grpc_probes_ask_the_right_health_services() -> None:
     assert base["startupProbe"]["grpc"]["service"] == ""
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         timing = {k: v for k, v in base[kind].items() if k != "grpc"}
-        assert timing == {k: v for k, v in tls[kind].items() if k != "tcpSocket"}, f"{kind}: TLS changes the action only"
+        assert timing == {k: v for k, v in tls[kind].items() if k != "tcpSocket"}, f"{kind}: TLS changes the action"
     startup = base["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= MIN_STARTUP_BUDGET_S
     for probe in (base[kind] for kind in ("startupProbe", "readinessProbe", "livenessProbe")):
@@ -498,36 +513,39 @@ def test_termination_grace_covers_prestop_and_drain(variant: str) -> None:
     spec = one(documents, "Deployment")["spec"]["template"]["spec"]
     container = server_container(documents)
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    grace = float(option_values(expanded_args(container, one(documents, "ConfigMap")))["--grace"])
+    assert "--grace" in container["args"], "set on argv, beside the period it must fit in"
+    grace = served_settings(documents).grace
     assert pre_stop > 0, "a pause for endpoint removal to reach kube-proxy, proxies and DNS before SIGTERM"
     assert spec["terminationGracePeriodSeconds"] >= pre_stop + grace + MIN_DRAIN_MARGIN_S
 
 
-# --- The container's argv and the real CLI ------------------------------------------------------------------------------
+# --- The container's argv and the real CLI ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_serve_args_parse_with_the_real_cli(variant: str) -> None:
     documents = rendered(variant)
     container = server_container(documents)
-    configmap = one(documents, "ConfigMap")
     assert container["command"] == ["diffuserve"]
-    argv = expanded_args(container, configmap)
-    args = parse(without_pending(argv, options_of("serve")))
-    assert args.command == "serve"
+    args = served_settings(documents)
     assert args.port == GRPC_PORT
-    assert args.backend == configmap["data"]["DIFFUSERVE_BACKEND"]
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert [str(Path(m).parent) for m in args.models] == ["/models"] and mounts["/models"]["readOnly"]
-    assert "--build-missing" not in argv, "the model volume is read-only: plans come from jobs/build-engines.yaml"
+    assert not args.build_missing, "the model volume is read-only: plans come from jobs/build-engines.yaml"
 
 
 def test_every_configmap_setting_reaches_the_server() -> None:
+    """Each key is a `serve` setting's variable, not also a flag on argv (which would win, leaving it dead), and the
+    server ends up with its value."""
     documents = rendered("hpa")
-    configmap = one(documents, "ConfigMap")
-    used = {m for arg in server_container(documents)["args"] for m in VARIABLE.findall(arg)}
-    assert used == set(configmap["data"]), "a setting the server never gets, or a $(NAME) the ConfigMap lacks"
-    assert all(key.startswith("DIFFUSERVE_") for key in configmap["data"])
+    data = one(documents, "ConfigMap")["data"]
+    actions = {env_name(dest): action for dest, action in settable(subparser("serve")).items()}
+    assert set(data) <= set(actions), f"not settings of serve: {sorted(set(data) - set(actions))}"
+    on_argv = set(option_values(server_container(documents)["args"]))
+    assert not [key for key in data if set(actions[key].option_strings) & on_argv], "set twice: argv wins"
+    args = served_settings(documents)
+    for key, value in data.items():
+        assert getattr(args, actions[key].dest) == convert(actions[key], value, key)
 
 
 @pytest.mark.parametrize("option", PENDING_OPTIONS)
@@ -538,8 +556,8 @@ def test_pending_option(option: str) -> None:
         pytest.skip(f"{option} is not in the CLI yet: the manifests pass it and parsing drops it until then")
     variant = next(v for v in VARIANTS if option in server_container(rendered(v))["args"])
     documents = rendered(variant)
-    argv = expanded_args(server_container(documents), one(documents, "ConfigMap"))
-    parse(without_pending(argv, options_of("serve")))
+    assert option in without_pending(server_container(documents)["args"], options_of("serve")), "kept, not dropped"
+    served_settings(documents)
 
 
 def test_build_engines_job_builds_the_served_model() -> None:
@@ -548,16 +566,14 @@ def test_build_engines_job_builds_the_served_model() -> None:
     assert container["command"] == ["diffuserve"]
     args = parse(without_pending(container["args"], options_of("build-engines")))
     assert args.command == "build-engines"
-    documents = rendered("hpa")
-    served_argv = expanded_args(server_container(documents), one(documents, "ConfigMap"))
-    assert [args.model] == parse(without_pending(served_argv, options_of("serve"))).models
+    assert [args.model] == served_settings(rendered("hpa")).models
     assert container["image"] == server_container(rendered("hpa"))["image"]
     job_labels = job["spec"]["template"]["metadata"]["labels"]
     for service in (d for d in rendered("hpa") if d["kind"] == "Service"):
         assert not service["spec"]["selector"].items() <= job_labels.items(), "no Service may route to the build"
 
 
-# --- Names, secrets and security ------------------------------------------------------------------------------------
+# --- Names, secrets and security -------------------------------------------------------------------------------------
 
 
 def secret_items(volume: dict) -> list[str]:
@@ -596,10 +612,10 @@ def test_secret_files_on_argv_are_mounted_secret_items(variant: str) -> None:
         if "secret" in volumes[m["name"]]
         for item in volumes[m["name"]]["secret"]["items"]
     }
-    options = option_values(container["args"])
-    files = {k: v for k, v in options.items() if k in ("--auth-token-file", "--tls-cert", "--tls-key", "--tls-client-ca")}
-    assert set(files.values()) <= secret_files and "--auth-token-file" in files
-    assert {"--tls-cert", "--tls-key"} <= set(files) if variant in TLS_VARIANTS else not {"--tls-cert"} & set(files)
+    files = {k: v for k, v in option_values(container["args"]).items() if k in SECRET_FILE_OPTIONS}
+    assert set(files.values()) <= secret_files, "each secret file the server reads comes from a mounted Secret"
+    assert "--auth-token-file" in files
+    assert ("--tls-cert" in files and "--tls-key" in files) == (variant in TLS_VARIANTS)
     assert ("--tls-client-ca" in files) == (variant == "hpa+mtls")
 
 
