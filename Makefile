@@ -59,7 +59,11 @@ runtime-check: wheel
 # Regenerates the gRPC stubs beside the .proto (tests fail when they are stale).
 protos: install
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos --grpc_python_out=protos \
-		protos/diffuserve/v1/diffusion.proto
+		protos/diffuserve/v1/diffusion.proto protos/inference/grpc_service.proto
+	# KServe's stubs import themselves as `inference`; they install as diffuserve.inference.
+	sed -i -e 's/^from inference import/from diffuserve.inference import/' \
+		-e "s/'inference\.grpc_service_pb2'/'diffuserve.inference.grpc_service_pb2'/" \
+		protos/inference/grpc_service_pb2.py protos/inference/grpc_service_pb2_grpc.py
 
 # Latency per stage against diffusers' pipeline on the same weights.
 bench: bundle

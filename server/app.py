@@ -22,6 +22,7 @@ from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 from .interceptors import RequestGuard
 from .metrics import Metrics, start_metrics_server
 from .models import ModelDefaults, ServedModel, load_model
+from .oip import OIP_SERVICE_NAME, add_oip_service
 from .params import MAX_MODEL_NAME_CHARS, max_request_bytes
 from .security import TlsFiles, TokenAuth, keepalive_options, server_credentials
 from .service import DiffusionService
@@ -142,9 +143,12 @@ async def start_server(config: ServerConfig, models: Mapping[str, ServedModel]) 
     server = grpc.aio.server(interceptors=[*auth, RequestGuard()], options=options)
     service = DiffusionService(models, next(iter(models)), worker, metrics)
     pb_grpc.add_DiffusionServiceServicer_to_server(service, server)
+    # The Open Inference Protocol (tritonclient, perf_analyzer users), an adapter over the same worker.
+    add_oip_service(server, models, service.default_model, worker, service)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    services = (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(services, server)
     address = f"{config.host}:{config.port}"
     port = (
         server.add_secure_port(address, server_credentials(config.tls))
@@ -154,7 +158,7 @@ async def start_server(config: ServerConfig, models: Mapping[str, ServedModel]) 
     if port == 0:
         raise OSError(f"could not bind {config.host}:{config.port}")
     await server.start()
-    for name in ("", SERVICE_NAME, *models):
+    for name in ("", SERVICE_NAME, OIP_SERVICE_NAME, *models):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return Running(server, port, health_servicer, service, worker, metrics_endpoint)
 

@@ -80,11 +80,15 @@ class ClientRequest:
 # which the retry honours over its own backoff), on another replica where there are several.
 SERVICE_CONFIG = {
     "loadBalancingConfig": [{"round_robin": {}}],
+    # Client-side health checking: a replica whose health turns NOT_SERVING (draining) leaves the rotation as soon
+    # as its Watch stream says so, before any call is refused by it.
+    "healthCheckConfig": {"serviceName": "diffuserve.v1.DiffusionService"},
     "methodConfig": [
         {
             "name": [{"service": "diffuserve.v1.DiffusionService"}],
             "retryPolicy": {
-                "maxAttempts": 4,
+                # gRPC's ceiling: 5 attempts.
+                "maxAttempts": 5,
                 "initialBackoff": "0.2s",
                 "maxBackoff": "5s",
                 "backoffMultiplier": 2,

@@ -1,5 +1,6 @@
-"""The KServe v2 / Open Inference Protocol service (`inference.GRPCInferenceService`), for tritonclient and
-perf_analyzer users: an adapter over the same worker as DiffusionService, never a second pipeline.
+"""The KServe v2 / Open Inference Protocol service (`inference.GRPCInferenceService`), for tritonclient users: an
+adapter over the same worker as DiffusionService, never a second pipeline. (perf_analyzer also asks for Triton's
+ModelConfig extension, which is not served.)
 
 ModelInfer's inputs become a diffuserve.v1 GenerateRequest, checked by the one validate(), queued as a Job on the
 shared worker (same queue, batching, cancellation and deadlines) and answered with the raw pixels, UINT8 [N, H, W, 3]

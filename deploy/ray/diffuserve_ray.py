@@ -25,7 +25,6 @@ from grpc_health.v1 import health_pb2
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from diffuserve.engine.manifest import Manifest
-from diffuserve.server.app import SERVICE_NAME
 from diffuserve.server.models import ModelDefaults, load_model
 from diffuserve.server.params import MAX_MODEL_NAME_CHARS, ModelNotFound, resolve_model
 from diffuserve.server.service import REQUEST_ID_KEY, DiffusionService
@@ -43,14 +42,17 @@ except ImportError as e:  # pragma: no cover - exercised only without ray
 
 log = logging.getLogger(__name__)
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DiffusionService"].full_name
 APP_NAME = "diffuserve"
 ROUTER_NAME = "DiffusionRouter"
 # Model deployments are named after their model, with this prefix: config files override their options by this name.
 MODEL_PREFIX = "model-"
 # Ray's gRPC proxy registers these; it answers grpc.health.v1 only because the router implements Check and Watch.
+# The last registers nothing: it makes the proxy cancel a stream whose client went away (diffuserve_ray_proxy.py).
 GRPC_SERVICER_FUNCTIONS = (
     "diffuserve.v1.diffusion_pb2_grpc.add_DiffusionServiceServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+    "diffuserve_ray_proxy.cancel_streams_on_disconnect",
 )
 DEFAULT_GRPC_PORT = 9000
 # Ray's proxies route only to applications with an HTTP route, gRPC included; nothing answers HTTP on it.
@@ -190,17 +192,26 @@ class DiffusionModel:
         log.info("replica serving %s from %s: backend %s (%s) on %s", model.name, folder, model.backend,
                  model.loaded.reason, model.device)  # fmt: skip
 
-    async def Generate(self, request: pb.GenerateRequest, metadata: Sequence = ()) -> pb.GenerateResponse:
-        return await self.service.Generate(request, CallContext(metadata))
+    # A refusal (RpcError) is returned, or yielded as a stream's last item, not raised: Ray logs every exception a
+    # replica raises with its traceback, and an invalid request is no error of the server's.
+
+    async def Generate(self, request: pb.GenerateRequest, metadata: Sequence = ()) -> pb.GenerateResponse | RpcError:
+        try:
+            return await self.service.Generate(request, CallContext(metadata))
+        except RpcError as e:
+            return e
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, metadata: Sequence = ()
-    ) -> AsyncIterator[pb.GenerateEvent]:
+    ) -> AsyncIterator[pb.GenerateEvent | RpcError]:
         # aclosing: when Ray stops this stream (the caller cancelled or went away), the service's stream is closed at
         # once, and that cancels the worker's job, not whenever the garbage collector gets to it.
-        async with contextlib.aclosing(self.service.GenerateStream(request, CallContext(metadata))) as events:
-            async for event in events:
-                yield event
+        try:
+            async with contextlib.aclosing(self.service.GenerateStream(request, CallContext(metadata))) as events:
+                async for event in events:
+                    yield event
+        except RpcError as e:
+            yield e
 
     async def ListModels(self, request: pb.ListModelsRequest) -> pb.ListModelsResponse:
         return await self.service.ListModels(request, CallContext())
@@ -256,6 +267,8 @@ class DiffusionRouter:
             except asyncio.CancelledError:  # the caller cancelled or its deadline passed: so does the model's job
                 response.cancel()
                 raise
+            if isinstance(answer, RpcError):
+                return unary_failure(answer, grpc_context, pb.GenerateResponse())
             echo_request_id(grpc_context, answer.request_id)
             return answer
         except Exception as e:
@@ -269,6 +282,8 @@ class DiffusionRouter:
             finished = False
             try:
                 async for event in events:
+                    if isinstance(event, RpcError):
+                        stream_failure(event, grpc_context)
                     echo_request_id(grpc_context, event.request_id)
                     yield event
                 finished = True

@@ -155,6 +155,7 @@ MASK_FILES = (("PNG", "L"), ("PNG", "1"), ("PNG", "I;16"), ("JPEG", "L"))
 # Images of formats the API refuses (it takes PNG, JPEG and WebP only), and decodable masks of more than one channel.
 OTHER_FORMAT_FILES = (("GIF", "P"), ("BMP", "RGB"), ("TIFF", "RGB"), ("TIFF", "L"), ("PPM", "RGB"))
 NOT_MASK_FILES = (("PNG", "RGB"), ("PNG", "RGBA"), ("PNG", "LA"), ("PNG", "P"), ("JPEG", "CMYK"), ("WEBP", "RGB"))
+# The formats the API takes, as Pillow names its decoders: the fuzzer's own reading of an image tries only these.
 DECODED_FORMATS = ("PNG", "JPEG", "WEBP")
 # EXIF Orientation: the server turns a photo upright first, and 5 to 8 turn it a quarter, swapping its sides.
 EXIF_ORIENTATION = 0x0112
@@ -548,7 +549,7 @@ def image_file(size: tuple[int, int], fmt: str, mode: str, seed: int = 0, orient
     width, height = size
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     if mode == "I;16":
-        image = Image.fromarray(pixels[..., 0].astype(np.uint16) * 257)  # 16-bit grayscale
+        image = Image.fromarray(pixels[..., 0].astype(np.uint16) * 257)  # 16-bit grayscale over its whole range
     else:
         image = Image.fromarray(pixels).convert(mode)
     extra = {}
