@@ -52,7 +52,10 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "diffuserve_requests", "Generate and GenerateStream calls by outcome", ["model", "outcome"], registry=r
+            "diffuserve_requests",
+            "Generate, GenerateStream and ModelInfer calls by outcome",
+            ["model", "outcome"],
+            registry=r,
         )
         self.in_flight = Gauge("diffuserve_requests_in_flight", "Requests accepted and not finished", registry=r)
         self.queue_depth = Gauge("diffuserve_queue_depth", "Requests waiting for the worker", registry=r)
