@@ -270,7 +270,9 @@ def validate(request: pb.GenerateRequest, models: Mapping[str, ServedModel], def
     )
     texts = prompt_texts(model, prompt, negative, guided, errors)
     conditioning = size_conditioning(model, request, (width, height), errors)
-    pixels = task_images(request, task, (width, height), init, mask, errors)
+    # Images are sized only to a size the model serves: resizing to a refused one could take minutes and gigabytes.
+    sized = (width, height) in model.sizes
+    pixels = task_images(request, task, (width, height), init if sized else None, mask if sized else None, errors)
 
     if errors:
         raise InvalidArgument("; ".join(errors))
@@ -466,6 +468,8 @@ def task_images(request: pb.GenerateRequest, task: str, size: tuple[int, int], i
             "covers its image pixel for pixel"
         )
         mask = None
+    if not resize_known:
+        return {}
     resize = request.resize_mode != pb.RESIZE_MODE_REFUSE
     result = {}
     try:

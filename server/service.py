@@ -94,12 +94,17 @@ class DiffusionService(pb_grpc.DiffusionServiceServicer):
         if not request.request_id:  # a request id given as metadata, as proxies and tracing set it
             request.request_id = metadata_request_id(context)
         try:
-            params = validate(request, self.models, self.default_model)
+            if request.init_image or request.mask_image:  # decoding and resizing images: off the event loop
+                loop = asyncio.get_running_loop()
+                params = await loop.run_in_executor(None, validate, request, self.models, self.default_model)
+            else:
+                params = validate(request, self.models, self.default_model)
         except ModelNotFound as e:
             await self._refuse(context, model, "invalid", grpc.StatusCode.NOT_FOUND, str(e))
         except InvalidArgument as e:
             await self._refuse(context, model, "invalid", grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        await context.send_initial_metadata(((REQUEST_ID_KEY, params.request_id),))
+        if params.request_id.isascii():  # metadata values are ASCII; a Unicode id is echoed in the response only
+            await context.send_initial_metadata(((REQUEST_ID_KEY, params.request_id),))
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         job = Job(self.models[params.model], params, deadline, listener, params.preview_interval)

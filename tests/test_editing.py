@@ -210,3 +210,15 @@ def test_a_model_exported_without_a_vae_encoder_serves_text_to_image_only(tiny_e
     ):
         params(model, init_image=png(init_pixels()))
     assert params(model).task == "txt2img"
+
+
+@pytest.mark.parametrize("width", [2**31 - 1, 1_000_000, -1])
+def test_an_init_image_is_never_resized_to_a_size_the_model_refuses(tiny_model: ServedModel, width: int):
+    with pytest.raises(ValueError) as refused:
+        params(tiny_model, init_image=png(init_pixels(8, 8)), width=width, height=128)
+    assert str(refused.value).startswith("width: model 'tiny-sd' serves the sizes")
+
+
+def test_a_unicode_request_id_is_served_and_echoed(stub):
+    response = stub.Generate(pb.GenerateRequest(prompt=PROMPT, steps=1, seeds=[1], request_id="é-1"))
+    assert response.request_id == "é-1" and len(response.images) == 1
