@@ -189,8 +189,14 @@ class DiffusionModel:
         self.name = model.name
         self.worker = InferenceWorker(config.worker()).start()
         self.service = DiffusionService({model.name: model}, model.name, self.worker)
-        log.info("replica serving %s from %s: backend %s (%s) on %s", model.name, folder, model.backend,
-                 model.loaded.reason, model.device)  # fmt: skip
+        log.info(
+            "replica serving %s from %s: backend %s (%s) on %s",
+            model.name,
+            folder,
+            model.backend,
+            model.loaded.reason,
+            model.device,
+        )
 
     # A refusal (RpcError) is returned, or yielded as a stream's last item, not raised: Ray logs every exception a
     # replica raises with its traceback, and an invalid request is no error of the server's.
@@ -282,7 +288,8 @@ class DiffusionRouter:
             finished = False
             try:
                 async for event in events:
-                    if isinstance(event, RpcError):
+                    if isinstance(event, RpcError):  # the model's last item: a refusal
+                        finished = True
                         stream_failure(event, grpc_context)
                     echo_request_id(grpc_context, event.request_id)
                     yield event
