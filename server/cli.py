@@ -192,10 +192,11 @@ def client_connection(args: argparse.Namespace):
         raise SystemExit(str(error)) from None
 
 
-def add_client_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--server", default="127.0.0.1:50051", help="HOST:PORT; several, comma-separated, are balanced round-robin"
-    )
+def add_client_arguments(p: argparse.ArgumentParser, with_server: bool = True) -> None:
+    if with_server:
+        p.add_argument(
+            "--server", default="127.0.0.1:50051", help="HOST:PORT; several, comma-separated, are balanced round-robin"
+        )
     p.add_argument("--tls", action="store_true", help="TLS, trusting the system's CAs (or --tls-ca)")
     p.add_argument("--tls-ca", help="TLS: the CA certificate (PEM) the server's certificate chains to")
     p.add_argument("--tls-cert", help="mutual TLS: this client's certificate (PEM)")
@@ -266,6 +267,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.synthetic:
         return cmd_synthetic(args)
+    if args.load and args.remote:
+        from .tools.bench import run_remote_load
+
+        args.server = args.remote
+        load = LoadOptions("", tuple(args.concurrency), args.requests, args.steps)
+        run_remote_load(client_connection(args), load, json_path=args.json)
+        return 0
     if not args.model:
         print("bench: give MODEL (an exported model folder) or --synthetic KIND", file=sys.stderr)
         return 2
@@ -552,6 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", choices=sorted(SAMPLERS), default="euler")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--load", action="store_true", help="closed-loop load over gRPC instead, batching on and off")
+    p.add_argument(
+        "--server",
+        dest="remote",
+        help="with --load: running servers instead of MODEL (HOST:PORT; several, comma-separated, round-robin)",
+    )
+    add_client_arguments(p, with_server=False)
     p.add_argument(
         "--tasks", action="store_true", help="each task the model serves (txt2img, img2img, inpaint) at the same steps"
     )

@@ -193,3 +193,18 @@ def test_round_robin_spreads_calls_over_replicas_and_a_draining_one_hands_over(t
                 drained.join(timeout=120)
     finally:
         second.stop()
+
+
+def test_bench_loads_running_servers_round_robin_with_a_token(tiny_model, monkeypatch, capsys):
+    first = running(tiny_model, auth_tokens=(TOKEN,)).start()
+    second = running(tiny_model, auth_tokens=(TOKEN,)).start()
+    try:
+        monkeypatch.setenv("DIFFUSERVE_AUTH_TOKEN", TOKEN)
+        args = ["bench", "--load", "--server", f"{first.address},{second.address}", "--concurrency", "2"]
+        assert main([*args, "--requests", "6", "--steps", "2"]) == 0
+        assert first.running.worker.steps_run > 0 and second.running.worker.steps_run > 0
+    finally:
+        first.stop()
+        second.stop()
+    out = capsys.readouterr().out
+    assert f"servers {first.address}, {second.address}, 2 steps, 6 requests per row" in out

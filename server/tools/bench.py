@@ -16,6 +16,7 @@ from diffuserve.v1 import diffusion_pb2 as pb
 from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
 from ..app import CHANNEL_OPTIONS, BackgroundServer, ServerConfig
+from ..client import Connection, connection
 from ..families import condition
 from ..images import encode_image
 from ..models import ServedModel, load_model
@@ -306,8 +307,10 @@ class LoadOptions:
     max_batch_wait_ms: float | None = None
 
 
-def closed_loop(address: str, concurrency: int, requests: int, steps: int) -> dict[str, float]:
-    """`concurrency` clients, each sending its next request when the last returns, until `requests` are served."""
+def closed_loop(server: str | Connection, concurrency: int, requests: int, steps: int) -> dict[str, float]:
+    """`concurrency` clients, each sending its next request when the last returns, until `requests` are served,
+    over one channel to the server (or, with several addresses, round-robin over them)."""
+    link = server if isinstance(server, Connection) else connection(server)
     latencies: list[float] = []
     batch_sizes: list[int] = []
     counter = iter(range(requests))
@@ -321,12 +324,12 @@ def closed_loop(address: str, concurrency: int, requests: int, steps: int) -> di
                 return
             request = pb.GenerateRequest(prompt=BENCH_PROMPT, steps=steps, seeds=[index])
             start = time.perf_counter()
-            response = stub.Generate(request)
+            response = stub.Generate(request, metadata=link.metadata)
             with lock:
                 latencies.append((time.perf_counter() - start) * 1e3)
                 batch_sizes.append(response.timings.batch_size)
 
-    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    with link.channel() as channel:
         stub = pb_grpc.DiffusionServiceStub(channel)
         client_threads = [threading.Thread(target=client, args=(stub,)) for _ in range(concurrency)]
         start = time.perf_counter()
@@ -366,6 +369,23 @@ def grpc_overhead(model_dir: str, steps: int, runs: int = 15) -> dict[str, float
                 remote.append((time.perf_counter() - start) * 1e3)
     in_process, over_grpc = statistics.median(local), statistics.median(remote)
     return {"in_process_p50_ms": in_process, "grpc_p50_ms": over_grpc, "overhead_ms": over_grpc - in_process}
+
+
+def run_remote_load(link: Connection, options: LoadOptions, json_path: str | None = None) -> dict:
+    """Closed-loop load on running servers (several addresses: balanced round-robin), as they are configured."""
+    closed_loop(link, 1, 2, options.steps)  # warm-up: connections, and the servers' first runs
+    rows = [closed_loop(link, concurrency, options.requests, options.steps) for concurrency in options.concurrency]
+    print(f"servers {', '.join(link.addresses)}, {options.steps} steps, {options.requests} requests per row")
+    print(f"{'clients':>8}{'images/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'batch':>7}")
+    for row in rows:
+        print(
+            f"{row['concurrency']:>8}{row['images_per_s']:>10.2f}{row['p50_ms']:>9.0f}{row['p90_ms']:>9.0f}"
+            f"{row['p99_ms']:>9.0f}{row['mean_batch']:>7.2f}"
+        )
+    report = {"options": asdict(options), "servers": list(link.addresses), "load": rows}
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    return report
 
 
 def run_load(options: LoadOptions, json_path: str | None = None) -> dict:
