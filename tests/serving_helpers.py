@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -45,3 +46,9 @@ def wait_idle(server: BackgroundServer, timeout: float = 30.0) -> None:
     while not server.running.worker.idle():
         assert time.monotonic() < until, "the worker never went idle"
         time.sleep(0.01)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

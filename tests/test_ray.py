@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import importlib
-import socket
 import sys
 import threading
 import time
@@ -26,6 +25,8 @@ from diffuserve.server.params import validate
 from diffuserve.server.pipeline import StageTimes, encode_images, render
 from diffuserve.v1 import diffusion_pb2 as pb
 from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
+
+from .serving_helpers import free_port
 
 REASON = 'the Ray Serve application needs ray[serve]: pip install "diffuserve[ray]"'
 ray = pytest.importorskip("ray", reason=REASON)
@@ -68,12 +69,6 @@ ray_cluster = pytest.mark.slow
 # The only knob for how often autoscaling metrics are pushed in Ray 2.60, deprecated for environment variables that
 # Ray does not read yet.
 pytestmark = pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:DeprecationWarning")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

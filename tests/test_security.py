@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +30,7 @@ from diffuserve.server.security import SecurityError, TlsFiles, load_tokens, tok
 from diffuserve.v1 import diffusion_pb2 as pb
 from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
-from .serving_helpers import euler_request
+from .serving_helpers import euler_request, free_port
 
 TOKEN = "s3cret-token-0123456789abcdef"
 
@@ -208,3 +211,36 @@ def test_bench_loads_running_servers_round_robin_with_a_token(tiny_model, monkey
         second.stop()
     out = capsys.readouterr().out
     assert f"servers {first.address}, {second.address}, 2 steps, 6 requests per row" in out
+
+
+def test_sigterm_on_one_of_two_serve_processes_loses_nothing(tiny_export: Path):
+    """Two `diffuserve serve` processes behind one round-robin client; SIGTERM on one while it runs a request: that
+    request completes, the process exits cleanly, and every call made meanwhile is served by the other."""
+    ports = [free_port(), free_port()]
+    command = [sys.executable, "-m", "diffuserve.server.cli", "serve", str(tiny_export), "--host", "127.0.0.1"]
+    processes = [subprocess.Popen([*command, "--port", str(p), "--backend", "cpu", "--grace", "60"]) for p in ports]
+    try:
+        link = connection([f"127.0.0.1:{p}" for p in ports])
+        with link.channel() as channel, grpc.insecure_channel(f"127.0.0.1:{ports[0]}") as direct:
+            grpc.channel_ready_future(channel).result(timeout=120)
+            grpc.channel_ready_future(direct).result(timeout=120)
+            stub = pb_grpc.DiffusionServiceStub(channel)
+            stream = pb_grpc.DiffusionServiceStub(direct).GenerateStream(euler_request(prompt="long", steps=60))
+            events = [next(stream)]
+            while not events[-1].HasField("progress"):
+                events.append(next(stream))
+            processes[0].send_signal(signal.SIGTERM)
+            with ThreadPoolExecutor(4) as pool:
+                later = [
+                    pool.submit(stub.Generate, euler_request(prompt="a circle", steps=2, seeds=[s]), timeout=60)
+                    for s in range(8)
+                ]
+                responses = [f.result() for f in later]
+            events.extend(stream)
+        assert processes[0].wait(timeout=90) == 0
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    assert all(len(r.images) == 1 for r in responses)
+    assert events[-1].HasField("completed") and sum(e.HasField("image") for e in events) == 1

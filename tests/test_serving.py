@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from diffuserve.server.models import ServedModel
 from diffuserve.v1 import diffusion_pb2 as pb
 from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
-from .serving_helpers import BLOCKER, LONG, busy, euler_request, serving, wait_idle
+from .serving_helpers import BLOCKER, LONG, busy, euler_request, free_port, serving, wait_idle
 
 
 def test_stream_events_come_in_order(tiny_model: ServedModel) -> None:
@@ -172,12 +171,6 @@ def test_every_response_carries_the_timing_breakdown(tiny_model: ServedModel) ->
     assert t.queue_ms >= 0 and t.text_encoder_ms > 0 and t.denoise_ms >= t.unet_ms > 0
     assert t.vae_decode_ms > 0 and t.image_encode_ms > 0 and t.batch_size == 1
     assert t.total_ms >= t.text_encoder_ms + t.denoise_ms + t.vae_decode_ms
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sigterm_drains_the_request_in_flight_and_exits_cleanly(tiny_export: Path) -> None:
