@@ -144,7 +144,7 @@ async def start_server(config: ServerConfig, models: Mapping[str, ServedModel]) 
     service = DiffusionService(models, next(iter(models)), worker, metrics)
     pb_grpc.add_DiffusionServiceServicer_to_server(service, server)
     # The Open Inference Protocol (tritonclient, perf_analyzer users), an adapter over the same worker.
-    add_oip_service(server, models, service.default_model, worker, service)
+    add_oip_service(server, service)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)

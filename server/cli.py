@@ -632,12 +632,15 @@ def main(argv: list[str] | None = None) -> int:
         try:
             serve_args = with_settings(subcommand(parser, "serve"), argv[argv.index("serve") + 1 :])
             check_ranges(serve_args)
-            configure_logging(args.verbose, args.log_format)
-        except (SettingsError, ValueError) as error:
+        except SettingsError as error:
             print(f"serve: {error}", file=sys.stderr)
             return 2
-        return serve_args.func(argparse.Namespace(**{**vars(args), **vars(serve_args)}))
-    configure_logging(args.verbose, args.log_format)
+        args = argparse.Namespace(**{**vars(args), **vars(serve_args)})
+    try:
+        configure_logging(args.verbose, args.log_format)
+    except ValueError as error:  # DIFFUSERVE_LOG_FORMAT, which argparse does not check
+        print(f"diffuserve: {error}", file=sys.stderr)
+        return 2
     return args.func(args)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -133,6 +134,16 @@ class Connection:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
 
+def is_ipv4_address(address: str) -> bool:
+    """HOST:PORT with an IPv4 literal host: what gRPC's static `ipv4:` target list takes."""
+    host, _, port = address.rpartition(":")
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return port.isdigit()
+
+
 def connection(addresses: str | Sequence[str], **settings) -> Connection:
     """A Connection from one address or several (a comma-separated string or a sequence)."""
     if isinstance(addresses, str):
@@ -140,9 +151,7 @@ def connection(addresses: str | Sequence[str], **settings) -> Connection:
     addresses = tuple(a for a in addresses if a)
     if not addresses:
         raise ValueError("--server: give at least one HOST:PORT")
-    if len(addresses) > 1 and any(
-        ":///" in a or not a.rsplit(":", 1)[0].replace(".", "").isdigit() for a in addresses
-    ):
+    if len(addresses) > 1 and not all(map(is_ipv4_address, addresses)):
         raise ValueError(
             "--server: several addresses must be IPv4 HOST:PORT; for a name with several addresses give one "
             "dns:///NAME:PORT"

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -86,6 +86,12 @@ def make_generator(mode: str, seed: int) -> NoiseGenerator:
     if mode == "torch_cpu":
         return TorchCpuGenerator(seed)
     raise ValueError(f"unknown noise mode {mode!r}: expected one of {', '.join(NOISE_MODES)}")
+
+
+def draw_noise(generators: Sequence[NoiseGenerator], latent_shape: tuple[int, ...]) -> np.ndarray:
+    """[len(generators), *latent_shape] unit gaussian noise, each row the next draw of its image's generator."""
+    # One [1, *latent_shape] draw per image, as diffusers draws from a list of generators.
+    return np.concatenate([g.standard_normal((1, *latent_shape)) for g in generators])
 
 
 class NumpyGenerator:

@@ -29,15 +29,8 @@ from .models import ServedModel
 from .noise import NOISE_MODES
 from .params import InvalidArgument, noise_mode_enum, quote, scheduler_enum, validate
 from .pipeline import GenerateResult, to_uint8
-from .service import (
-    REQUEST_ID_KEY,
-    RETRY_PUSHBACK_KEY,
-    DiffusionService,
-    cancel_if_abandoned,
-    metadata_request_id,
-    package_version,
-)
-from .worker import SHUTTING_DOWN, InferenceWorker, Job, QueueFull, WorkerStopping
+from .service import DiffusionService, call_deadline, cancel_if_abandoned, metadata_request_id, package_version
+from .worker import SHUTTING_DOWN, Job
 
 log = logging.getLogger(__name__)
 
@@ -134,19 +127,14 @@ REQUIRED_INPUTS = ("prompt",)
 
 
 class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
-    def __init__(
-        self,
-        models: Mapping[str, ServedModel],
-        default_model: str,
-        worker: InferenceWorker,
-        service: DiffusionService | None = None,
-    ):
-        self.models = models
-        self.default_model = default_model
-        self.worker = worker
-        # The port's DiffusionService: its draining flag, metrics, log line and status mapping are this service's
-        # too, so a request counts and ends the same whichever protocol it came by.
-        self.service = service if service is not None else DiffusionService(models, default_model, worker)
+    """Over the port's DiffusionService: its models, worker, draining flag, queueing, metrics, log line and status
+    mapping are this service's too, so a request counts and ends the same whichever protocol it came by."""
+
+    def __init__(self, service: DiffusionService):
+        self.service = service
+        self.models = service.models
+        self.default_model = service.default_model
+        self.worker = service.worker
 
     def ready(self) -> bool:
         return self.worker.alive and not self.service.draining
@@ -179,10 +167,10 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
         service = self.service
         name = request.model_name or self.default_model
         if service.draining:
-            await service._refuse(context, name, "rejected", grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            await service.refuse(context, name, "rejected", grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         problem = model_problem(self.models, self.default_model, request.model_name, request.model_version)
         if problem:
-            await service._refuse(context, name, "invalid", grpc.StatusCode.NOT_FOUND, problem)
+            await service.refuse(context, name, "invalid", grpc.StatusCode.NOT_FOUND, problem)
         model = self.models[name]
         try:
             wanted = requested_outputs(request)
@@ -191,33 +179,17 @@ class InferenceService(oip_grpc.GRPCInferenceServiceServicer):
                 generate.request_id = metadata_request_id(context)
             params = validate(generate, self.models, self.default_model)
         except InvalidArgument as e:
-            await service._refuse(context, name, "invalid", grpc.StatusCode.INVALID_ARGUMENT, oip_names(str(e)))
-        await context.send_initial_metadata(((REQUEST_ID_KEY, params.request_id),))
-        job = Job(model, params, deadline(request, context))
-        try:
-            self.worker.submit(job)
-        except QueueFull as e:
-            context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(e.retry_after_ms)),))
-            await service._refuse(context, name, "rejected", grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except WorkerStopping:
-            await service._refuse(context, name, "rejected", grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
-        if service.metrics is not None:
-            service.metrics.accepted()
+            await service.refuse(context, name, "invalid", grpc.StatusCode.INVALID_ARGUMENT, oip_names(str(e)))
+        job = await service.queue(params, context, deadline(request, context))
         with cancel_if_abandoned(job):
-            result = await service._finish(job, context)
+            result = await service.finish(job, context)
         return infer_response(job, result, wanted)
 
 
-def add_oip_service(
-    server: grpc.aio.Server,
-    models: Mapping[str, ServedModel],
-    default_model: str,
-    worker: InferenceWorker,
-    service: DiffusionService | None = None,
-) -> InferenceService:
-    """Registers inference.GRPCInferenceService on the server, over the worker of the port's DiffusionService.
-    Given that `service`, both drain together (ServerReady false, ModelInfer UNAVAILABLE) and share its metrics."""
-    servicer = InferenceService(models, default_model, worker, service)
+def add_oip_service(server: grpc.aio.Server, service: DiffusionService) -> InferenceService:
+    """Registers inference.GRPCInferenceService on the server, over the port's DiffusionService: both drain together
+    (ServerReady false, ModelInfer UNAVAILABLE) and share its worker and metrics."""
+    servicer = InferenceService(service)
     oip_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     return servicer
 
@@ -258,14 +230,10 @@ def oip_names(message: str) -> str:
 
 def deadline(request: oip.ModelInferRequest, context: grpc.aio.ServicerContext) -> float | None:
     """The earlier of the call's deadline and Triton's `timeout` parameter (microseconds), as time.monotonic()."""
-    now = time.monotonic()
-    limits = []
-    remaining = context.time_remaining()
-    if remaining is not None:
-        limits.append(now + remaining)
+    limits = [limit for limit in (call_deadline(context),) if limit is not None]
     microseconds = parameter(request, TIMEOUT_PARAMETER)
     if isinstance(microseconds, int) and not isinstance(microseconds, bool) and microseconds > 0:
-        limits.append(now + microseconds / 1e6)
+        limits.append(time.monotonic() + microseconds / 1e6)
     return min(limits) if limits else None
 
 

@@ -101,11 +101,6 @@ class GenerateParams:
         """(width, height), as the manifest keys its shapes."""
         return (self.width, self.height)
 
-    @property
-    def uses_guidance(self) -> bool:
-        """Whether the U-Net runs an unconditional row per image too."""
-        return self.guided
-
 
 def scheduler_name(value: int) -> str:
     return pb.Scheduler.Name(value).removeprefix(SCHEDULER_PREFIX).lower()
@@ -333,7 +328,7 @@ def request_task(model: ServedModel, request: pb.GenerateRequest, errors: Errors
             IMG2IMG: "its export has no VAE encoder" if not model.manifest.inpainting_unet else "send mask_image too",
             INPAINT: "its export has no VAE encoder",
         }[task]
-        field = "init_image" if task == TXT2IMG else "mask_image" if task == INPAINT else "init_image"
+        field = "mask_image" if task == INPAINT else "init_image"
         errors.append(f"{field}: model {model.name!r} serves {served}, not {task} ({hint})")
     return task
 
@@ -368,9 +363,9 @@ def request_strength(request: pb.GenerateRequest, task: str, plan, errors: Error
     ):
         return 1.0, 0
     if plan is None:
-        return float(strength), 0
+        return strength, 0
     try:
-        return float(strength), img2img_start(plan, float(strength))
+        return strength, img2img_start(plan, strength)
     except ValueError as error:
         errors.append(f"strength: {error}")
         return 1.0, 0
@@ -453,15 +448,14 @@ def task_images(request: pb.GenerateRequest, task: str, size: tuple[int, int], i
         0 <= request.mask_blur <= MAX_MASK_BLUR,
         f"mask_blur: must be in 0..{MAX_MASK_BLUR} pixels, got {request.mask_blur}",
     )
-    if task == TXT2IMG:
+    if task != INPAINT:
         check(request.mask_blur == 0, "mask_blur: applies only with mask_image (inpainting)")
+    if task == TXT2IMG:
         check(
             request.resize_mode == pb.RESIZE_MODE_UNSPECIFIED,
             "resize_mode: applies only with init_image (image-to-image or inpainting)",
         )
         return {}
-    if task == IMG2IMG:
-        check(request.mask_blur == 0, "mask_blur: applies only with mask_image (inpainting)")
     if init is not None and mask is not None and mask.size != init.size:
         errors.append(
             f"mask_image: {format_size(mask.size)} does not match init_image's {format_size(init.size)}; a mask "

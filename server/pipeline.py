@@ -24,7 +24,7 @@ from diffuserve.engine.manifest import (
 from .families import condition
 from .images import encode_image
 from .models import ServedModel
-from .noise import NoiseGenerator, make_generator
+from .noise import NoiseGenerator, draw_noise, make_generator
 from .params import GenerateParams
 from .rows import RowRunner
 from .schedulers import INITIAL_STATE, Plan, get_sampler, make_plan, select_rows
@@ -57,12 +57,6 @@ class GenerateResult:
 #    it was batched with.
 def image_generators(params: GenerateParams) -> list[NoiseGenerator]:
     return [make_generator(params.noise_mode, seed) for seed in params.seeds]
-
-
-def draw_noise(generators: Sequence[NoiseGenerator], latent_shape: tuple[int, ...]) -> np.ndarray:
-    """[len(generators), *latent_shape] unit gaussian noise, each row the next draw of its image's generator."""
-    # One [1, *latent_shape] draw per image, as diffusers draws from a list of generators.
-    return np.concatenate([g.standard_normal((1, *latent_shape)) for g in generators])
 
 
 # 4. Denoise: the sampler around the U-Net, with classifier-free guidance, for every member of a batch at once.
@@ -118,9 +112,7 @@ class UNetRows:
         self.channels = latent_shape[0]
         self.sample = np.zeros((rows, model.manifest.unet_in_channels, *latent_shape[1:]), np.float32)
         if inputs[0].channels is not None:  # an inpainting U-Net's mask and masked-image latents, fixed per image
-            extra = np.concatenate([i.channels for i in inputs])
-            for c in range(copies):
-                self.sample[c * n : (c + 1) * n, self.channels :] = extra
+            self.sample[:, self.channels :] = np.concatenate([i.channels for i in inputs] * copies)
         self.timestep = np.empty(rows, np.float32)
         # Per image, so requests with different scales share a call; shaped to broadcast over [n, C, h, w].
         scales = [np.full(k, m.params.guidance_scale, np.float32) for m, k in zip(members, counts, strict=True)]
@@ -191,7 +183,7 @@ def denoise(
     proceed leaves at once and gets None. Noise the sampler asks for comes from each image's own generator."""
     sampler = get_sampler(plan.sampler)
     first = members[0].params
-    guided, begin = first.uses_guidance, first.start
+    guided, begin = first.guided, first.start
     latent_shape = model.manifest.latent_shape(first.size)
     final: list[np.ndarray | None] = [None] * len(members)
     active = list(range(len(members)))

@@ -50,6 +50,13 @@ log = logging.getLogger(__name__)
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 # The request id as metadata: taken from the caller where the request has none, and sent back on every call.
 REQUEST_ID_KEY = "x-request-id"
+# How a job that stopped without images ends its call: the outcome it is counted under, and the status.
+STOPPED_JOBS = {
+    DeadlineExceeded: ("deadline", grpc.StatusCode.DEADLINE_EXCEEDED),
+    JobCancelled: ("cancelled", grpc.StatusCode.CANCELLED),
+    # This request failed (logged with its cause); the server lives on.
+    RequestFailed: ("failed", grpc.StatusCode.INTERNAL),
+}
 _DONE = object()
 
 
@@ -78,10 +85,9 @@ class DiffusionService(pb_grpc.DiffusionServiceServicer):
         if self.metrics is not None:
             self.metrics.finished(model, outcome, job)
 
-    async def _refuse(
-        self, context, model: str, outcome: str, code: grpc.StatusCode, message: str, job: Job | None = None
-    ) -> None:
-        self._record(model, outcome, job)
+    async def refuse(self, context, model: str, outcome: str, code: grpc.StatusCode, message: str) -> None:
+        """Ends a call that was never queued, counting it under its outcome."""
+        self._record(model, outcome)
         await context.abort(code, message)
 
     async def _accept(
@@ -90,7 +96,7 @@ class DiffusionService(pb_grpc.DiffusionServiceServicer):
         """Validates and queues a request, or ends the call with the status that says why not."""
         model = request.model or self.default_model
         if self.draining:
-            await self._refuse(context, model, "rejected", grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            await self.refuse(context, model, "rejected", grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         if not request.request_id:  # a request id given as metadata, as proxies and tracing set it
             request.request_id = metadata_request_id(context)
         try:
@@ -100,51 +106,57 @@ class DiffusionService(pb_grpc.DiffusionServiceServicer):
             else:
                 params = validate(request, self.models, self.default_model)
         except ModelNotFound as e:
-            await self._refuse(context, model, "invalid", grpc.StatusCode.NOT_FOUND, str(e))
+            await self.refuse(context, model, "invalid", grpc.StatusCode.NOT_FOUND, str(e))
         except InvalidArgument as e:
-            await self._refuse(context, model, "invalid", grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if params.request_id.isascii():  # metadata values are ASCII; a Unicode id is echoed in the response only
+            await self.refuse(context, model, "invalid", grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return await self.queue(params, context, call_deadline(context), listener)
+
+    async def queue(
+        self,
+        params: GenerateParams,
+        context: grpc.aio.ServicerContext,
+        deadline: float | None,
+        listener: Callable[[Event], None] | None = None,
+    ) -> Job:
+        """Queues a validated request on the worker, whichever protocol it came by, or ends the call with the status
+        that says why not. Its id goes back as metadata first (metadata values are ASCII: a Unicode id is echoed in
+        the response only)."""
+        if params.request_id.isascii():
             await context.send_initial_metadata(((REQUEST_ID_KEY, params.request_id),))
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
         job = Job(self.models[params.model], params, deadline, listener, params.preview_interval)
         try:
             self.worker.submit(job)
         except QueueFull as e:
             context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(e.retry_after_ms)),))
-            await self._refuse(context, model, "rejected", grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            await self.refuse(context, params.model, "rejected", grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except WorkerStopping:
-            await self._refuse(context, model, "rejected", grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
+            await self.refuse(context, params.model, "rejected", grpc.StatusCode.UNAVAILABLE, SHUTTING_DOWN)
         if self.metrics is not None:
             self.metrics.accepted()
         return job
 
-    async def _finish(self, job: Job, context: grpc.aio.ServicerContext) -> GenerateResult:
+    async def finish(self, job: Job, context: grpc.aio.ServicerContext) -> GenerateResult:
         """Waits for the job's result, ending the call with the status that says why there is none."""
-        model = job.params.model
         try:
             result = await outcome(job)
-        except DeadlineExceeded as e:
-            log_done(job, "deadline")
-            await self._refuse(context, model, "deadline", grpc.StatusCode.DEADLINE_EXCEEDED, str(e), job)
-        except JobCancelled as e:
-            log_done(job, "cancelled")
-            await self._refuse(context, model, "cancelled", grpc.StatusCode.CANCELLED, str(e), job)
-        except RequestFailed as e:  # this request failed (logged with its cause); the server lives on
-            log_done(job, "failed")
-            await self._refuse(context, model, "failed", grpc.StatusCode.INTERNAL, str(e), job)
+        except tuple(STOPPED_JOBS) as e:
+            name, code = STOPPED_JOBS[type(e)]
+            self._ended(job, name)
+            await context.abort(code, str(e))
         except asyncio.CancelledError:  # the caller went away while waiting
-            log_done(job, "cancelled")
-            self._record(model, "cancelled", job)
+            self._ended(job, "cancelled")
             raise
-        log_done(job, "ok")
-        self._record(model, "ok", job)
+        self._ended(job, "ok")
         return result
+
+    def _ended(self, job: Job, outcome: str) -> None:
+        log_done(job, outcome)
+        self._record(job.params.model, outcome, job)
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         job = await self._accept(request, context, listener=None)
         with cancel_if_abandoned(job):
-            result = await self._finish(job, context)
+            result = await self.finish(job, context)
         return response_for(job, result, with_images=True)
 
     async def GenerateStream(
@@ -162,7 +174,7 @@ class DiffusionService(pb_grpc.DiffusionServiceServicer):
         with cancel_if_abandoned(job):
             while (event := await events.get()) is not _DONE:
                 yield event_proto(request_id, job, event)
-            result = await self._finish(job, context)
+            result = await self.finish(job, context)
         yield pb.GenerateEvent(request_id=request_id, completed=response_for(job, result, with_images=False))
 
     async def ListModels(
@@ -263,6 +275,12 @@ def log_done(job: Job, outcome: str) -> None:
         t.queue_ms,
         extra={"fields": fields},
     )
+
+
+def call_deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline as time.monotonic(), None without one."""
+    remaining = context.time_remaining()
+    return time.monotonic() + remaining if remaining is not None else None
 
 
 def metadata_request_id(context: grpc.aio.ServicerContext) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 from diffuserve.engine.manifest import IMG2IMG, INPAINT, LATENT_LOGVAR, LATENT_MEAN, SAMPLE, VAE_ENCODER
 
 from .images import latent_mask, masked_image
-from .noise import NoiseGenerator
+from .noise import NoiseGenerator, draw_noise
 from .rows import RowRunner
 from .schedulers import Plan, get_sampler, noised_latents
 
@@ -86,18 +86,26 @@ def start(
     latent_shape = model.manifest.latent_shape(params.size)
     if params.task == IMG2IMG:
         original = np.concatenate([latent_sample(model, encoded["init"], g) for g in generators])
-        noise = np.concatenate([g.standard_normal((1, *latent_shape)) for g in generators])
-        return Start(noised_latents(plan, params.start, original, noise))
+        return Start(noised_latents(plan, params.start, original, draw_noise(generators, latent_shape)))
     if params.task == INPAINT:
         return inpaint_start(model, params, plan, generators, encoded, latent_shape)
-    noise = np.concatenate([g.standard_normal((1, *latent_shape)) for g in generators])
-    return Start(noise * np.float32(plan.init_noise_sigma))
+    return Start(draw_noise(generators, latent_shape) * np.float32(plan.init_noise_sigma))
+
+
+def from_noise(params) -> bool:
+    """Inpainting at strength 1 starts from pure noise, not the init image noised (diffusers' is_strength_max)."""
+    return params.strength == 1.0
+
+
+def needs_init_latents(model, params) -> bool:
+    """Whether inpainting reads the init image's latents: to start from, or to blend (an ordinary U-Net)."""
+    return not (model.manifest.inpainting_unet and from_noise(params))
 
 
 def inpaint_start(model, params, plan, generators, encoded, latent_shape) -> Start:
     manifest = model.manifest
-    pure_noise = params.strength == 1.0
-    needs_original = not (manifest.inpainting_unet and pure_noise)
+    pure_noise = from_noise(params)
+    needs_original = needs_init_latents(model, params)
     originals, noises, masked = [], [], []
     for g in generators:
         if needs_original:
@@ -127,7 +135,7 @@ def images_to_encode(model, params) -> dict[str, np.ndarray]:
     if params.task != INPAINT:
         return {}
     images = {}
-    if not (model.manifest.inpainting_unet and params.strength == 1.0):
+    if needs_init_latents(model, params):
         images["init"] = params.init_image
     if model.manifest.inpainting_unet:
         images["masked"] = masked_image(params.init_image, params.mask)

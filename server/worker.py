@@ -106,7 +106,7 @@ class Job:
         length. The task is not in it: an ordinary U-Net's rows do not depend on it (inpainting blends each member's
         own rows after the call), and an inpainting U-Net serves one task."""
         p = self.params
-        return (p.model, p.width, p.height, p.steps, p.scheduler, p.uses_guidance, p.start, p.text_length)
+        return (p.model, p.width, p.height, p.steps, p.scheduler, p.guided, p.start, p.text_length)
 
     def cancel(self) -> None:
         self.cancelled.set()

@@ -97,7 +97,7 @@ async def _start_with_oip(config: app.ServerConfig, models: dict[str, ServedMode
     server = grpc.aio.server(interceptors=[RequestGuard()], options=app.server_options(models))
     service = DiffusionService(models, next(iter(models)), worker, metrics)
     pb_grpc.add_DiffusionServiceServicer_to_server(service, server)
-    add_oip_service(server, models, service.default_model, worker, service)
+    add_oip_service(server, service)
     health_servicer = health.aio.HealthServicer()
     port = server.add_insecure_port(f"{config.host}:{config.port}")
     await server.start()

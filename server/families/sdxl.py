@@ -9,8 +9,7 @@ import numpy as np
 
 from diffuserve.engine.manifest import ENCODER_HIDDEN_STATES, TEXT_EMBEDS, TEXT_ENCODERS, TIME_IDS
 
-from ..text import encode_prompts, prompt_chunks
-from .sd import guided_texts
+from .sd import encoded_texts, guided_texts
 
 
 def time_ids(params) -> np.ndarray:
@@ -25,10 +24,7 @@ def time_ids(params) -> np.ndarray:
 
 
 def condition(model, params_list: Sequence) -> list[dict[str, np.ndarray]]:
-    per_encoder = []
-    for component in TEXT_ENCODERS:
-        chunks = [c for p in params_list for c in prompt_chunks(model, component, guided_texts(p), p.text_chunks)]
-        per_encoder.append(iter(encode_prompts(model, component, chunks)))
+    per_encoder = [encoded_texts(model, component, params_list) for component in TEXT_ENCODERS]
     result = []
     for p in params_list:
         hidden, pooled = [], []
@@ -37,7 +33,7 @@ def condition(model, params_list: Sequence) -> list[dict[str, np.ndarray]]:
             joined = np.concatenate([first.hidden, second.hidden], axis=-1)
             embeds = second.pooled
             # force_zeros_for_empty_prompt: an empty negative prompt is zeros, not the encoded empty text.
-            negative = p.uses_guidance and index == 0
+            negative = p.guided and index == 0
             if negative and not text and model.manifest.force_zeros_for_empty_prompt:
                 joined, embeds = np.zeros_like(joined), np.zeros_like(embeds)
             hidden.append(joined)
