@@ -35,6 +35,8 @@ class LoadedEngines:
     device: str
     # Why this backend runs: asked for, or what `auto` found.
     reason: str = ""
+    # The GPU the engines run on (None on the CPU).
+    device_id: int | None = None
 
 
 def cpu_name() -> str:
@@ -165,8 +167,10 @@ def load_engines(
         engines = ResidentEngines(load, components, manifest.name) if low_memory else load(components)
         first = engines[components[0]][0]
         device = first.device if candidate != "cpu" else cpu_name()
+        options = trt_options if candidate == "tensorrt" else cuda_options
+        device_id = None if candidate == "cpu" else getattr(options, "device_id", 0)
         return LoadedEngines(
-            current, candidate, BACKEND_TARGETS[candidate], engines, tuple(first.providers), device, reason
+            current, candidate, BACKEND_TARGETS[candidate], engines, tuple(first.providers), device, reason, device_id
         )
 
     # Every candidate but the last may fail to run here, and the next is tried; the last one's failure is the error.

@@ -127,11 +127,37 @@ class Connection:
             return grpc.secure_channel(self.target, credentials, options=options)
         return grpc.insecure_channel(self.target, options=options)
 
+    def plain_channel(self) -> grpc.Channel:
+        """A channel with grpcio's own defaults (limits, no retries, first address first) but this connection's TLS
+        and token: what a bare client sends, for the fuzzer, whose cases set their own call metadata."""
+        if self.tls:
+            channel = grpc.secure_channel(self.target, channel_credentials(self.tls_ca, self.tls_cert, self.tls_key))
+        else:
+            channel = grpc.insecure_channel(self.target)
+        return grpc.intercept_channel(channel, TokenInterceptor(self.metadata)) if self.token else channel
+
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The token as call metadata (not call credentials: those need TLS, and a TLS-terminating proxy may sit in
         front of a plaintext port)."""
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+
+class TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds the token to every call's own metadata."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.metadata = metadata
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        # grpcio's call details are a namedtuple; only the metadata changes.
+        return details._replace(metadata=(*(details.metadata or ()), *self.metadata))
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
 
 
 def is_ipv4_address(address: str) -> bool:

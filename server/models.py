@@ -136,6 +136,14 @@ class ServedModel:
     def device(self) -> str:
         return self.loaded.device
 
+    def gpu_memory_bytes(self) -> int | None:
+        """GPU memory in use on the device the engines run on (every process); None on the CPU or without NVML."""
+        if self.loaded.device_id is None:
+            return None
+        from .resources import gpu_memory_bytes
+
+        return gpu_memory_bytes(self.loaded.device_id)
+
     @property
     def low_memory(self) -> bool:
         """Whether only the running stage's engines are resident (serve --low-memory)."""

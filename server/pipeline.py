@@ -43,6 +43,8 @@ class StageTimes:
     vae_decode_ms: float = 0.0
     image_encode_ms: float = 0.0
     total_ms: float = 0.0
+    # The U-Net calls unet_ms covers, so a call's time can be told apart from the steps' count.
+    unet_calls: int = 0
 
 
 @dataclass
@@ -214,6 +216,7 @@ def denoise(
         step_ms = _ms_since(start)
         for i, (a, b) in zip(active, bounds, strict=True):
             members[i].times.unet_ms += unet_ms
+            members[i].times.unet_calls += 1
             members[i].on_step(index - begin + 1, total, x[a:b], step_ms)
     for i, (a, b) in zip(active, bounds, strict=True):
         final[i] = x[a:b]

@@ -29,6 +29,7 @@ from .params import (
     validate,
 )
 from .pipeline import GenerateResult
+from .resources import rss_bytes
 from .worker import (
     SHUTTING_DOWN,
     DeadlineExceeded,
@@ -205,6 +206,8 @@ class DiffusionService(pb_grpc.DiffusionServiceServicer):
             max_batch_wait_ms=config.max_batch_wait_ms,
             default_noise_mode=noise_mode_enum(DEFAULT_NOISE_MODE),
             text_cache=text_cache_info(self.models.values()),
+            resident_memory_bytes=rss_bytes() or 0,
+            gpu_memory_bytes=first.gpu_memory_bytes(),
         )
 
 
@@ -336,6 +339,7 @@ def response_for(job: Job, result: GenerateResult, with_images: bool) -> pb.Gene
             image_encode_ms=times.image_encode_ms,
             total_ms=times.total_ms,
             batch_size=job.batch_size,
+            unet_calls=times.unet_calls,
         ),
         steps=params.steps,
         guidance_scale=params.guidance_scale,

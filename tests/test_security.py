@@ -210,7 +210,7 @@ def test_bench_loads_running_servers_round_robin_with_a_token(tiny_model, monkey
         first.stop()
         second.stop()
     out = capsys.readouterr().out
-    assert f"servers {first.address}, {second.address}, 2 steps, 6 requests per row" in out
+    assert f"closed loop, server {first.address}, {second.address}: model" in out
 
 
 def test_sigterm_on_one_of_two_serve_processes_loses_nothing(tiny_export: Path):

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import statistics
-import threading
 import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -16,19 +13,27 @@ from diffuserve.v1 import diffusion_pb2 as pb
 from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
 from ..app import CHANNEL_OPTIONS, BackgroundServer, ServerConfig
-from ..client import Connection, connection
 from ..families import condition
 from ..images import encode_image
 from ..models import ServedModel, load_model
 from ..noise import NOISE_MODES, make_generator
 from ..params import GenerateParams, scheduler_enum, validate
 from ..pipeline import MemberInputs, Solo, StageTimes, UNetRows, generate, to_uint8
+from ..resources import rss_bytes
 from ..schedulers import INITIAL_STATE, get_sampler, make_plan
-from ..worker import WorkerConfig
+from .load import BENCH_GUIDANCE, BENCH_PROMPT, BENCH_SEED
+from .report import (
+    NO_OUTPUTS,
+    Outputs,
+    ProgressBar,
+    Sample,
+    format_header,
+    format_report,
+    new_report,
+    stages_of,
+    summarise,
+)
 
-BENCH_PROMPT = "a red circle on a blue background"
-BENCH_SEED = 7
-BENCH_GUIDANCE = 7.5
 # Timing repeats of the micro-benchmarks (a sampler step, a noise draw): the median of this many.
 MICRO_REPEATS = 30
 
@@ -97,18 +102,33 @@ def bench_request(options: BenchOptions, **fields) -> pb.GenerateRequest:
     )
 
 
-def bench_ours(options: BenchOptions) -> tuple[dict[str, float], GenerateParams, ServedModel, np.ndarray]:
+def bench_ours(options: BenchOptions) -> tuple[list, GenerateParams, ServedModel]:
+    """The benchmark's request `runs` times in-process after a warm-up, each with a new prompt's text encoding."""
     model = load_bench_model(options)
     # The request a client would send, validated exactly as the server does it.
     params = validate(bench_request(options), {model.name: model}, model.name)
     generate(model, params)  # warm-up: first runs pay for ORT's lazy allocations
-    results = [generate_uncached(model, params) for _ in range(options.runs)]
-    stages = median_of([our_stages(r.times, options.steps) for r in results])
-    # The same prompt again finds its chunks in the cache: what a rerun with another seed pays for its text.
-    stages["text_encoder_cached_ms"] = statistics.median(
-        generate(model, params).times.text_encoder_ms for _ in range(options.runs)
-    )
-    return stages, params, model, results[0].pixels
+    with ProgressBar("bench latency", options.runs) as progress:
+        results = []
+        for _ in range(options.runs):
+            results.append(generate_uncached(model, params))
+            progress.advance()
+    return results, params, model
+
+
+def in_process_row(results: list, model: ServedModel, load: dict) -> dict:
+    """The runs as a report row: in-process, a request's end to end is the pipeline's total."""
+    clock, samples = 0.0, []
+    for result in results:
+        clock += result.times.total_ms / 1e3
+        samples.append(Sample(result.times.total_ms, clock, stages_of(result.times)))
+    return summarise(samples, clock, load, process_memory(model))
+
+
+def process_memory(model: ServedModel) -> dict[str, float | None]:
+    """This process's resident memory, and the GPU memory in use where the model runs on one."""
+    rss, gpu = rss_bytes(), model.gpu_memory_bytes()
+    return {"rss_mb": rss / 2**20 if rss else None, "gpu_mb": gpu / 2**20 if gpu is not None else None}
 
 
 def generate_uncached(model: ServedModel, params: GenerateParams):
@@ -230,24 +250,63 @@ def format_sampler_table(rows: list[dict[str, float | str]], steps: int) -> str:
     )
 
 
-def run_bench(options: BenchOptions, json_path: str | None = None) -> dict:
-    ours, params, model, image = bench_ours(options)
-    reference, reference_image = bench_diffusers(options, params) if options.reference else (None, None)
-    print(
-        f"model {params.model}, {params.width}x{params.height}, {options.steps} steps {options.scheduler}, "
-        f"guidance {BENCH_GUIDANCE}, {params.noise_mode} noise, median of {options.runs} runs (ms); "
-        f"{model.backend} backend, {model.target} target ({model.precision}) on {model.device}"
+def served_environment(model: ServedModel) -> dict:
+    """What serves the requests in-process, with the keys a server's GetServerInfo gives a remote bench."""
+    from importlib.metadata import version
+
+    return {
+        "version": version("diffuserve"),
+        "model": model.name,
+        "family": model.manifest.family,
+        "backend": model.backend,
+        "target": model.target,
+        "precision": model.precision,
+        "device": model.device,
+        "providers": model.providers,
+        "batch_sizes": list(model.batch_sizes),
+        "sizes": [list(size) for size in model.sizes],
+    }
+
+
+def bench_settings(options: BenchOptions, params: GenerateParams) -> dict:
+    return {
+        "prompt": BENCH_PROMPT,
+        "steps": options.steps,
+        "scheduler": options.scheduler,
+        "guidance_scale": BENCH_GUIDANCE,
+        "width": params.width,
+        "height": params.height,
+        "images_per_request": 1,
+        "noise_mode": params.noise_mode,
+        "runs": options.runs,
+    }
+
+
+def run_bench(options: BenchOptions, outputs: Outputs = NO_OUTPUTS) -> dict:
+    results, params, model = bench_ours(options)
+    ours = median_of([our_stages(r.times, options.steps) for r in results])
+    # The same prompt again finds its chunks in the cache: what a rerun with another seed pays for its text.
+    ours["text_encoder_cached_ms"] = statistics.median(
+        generate(model, params).times.text_encoder_ms for _ in range(options.runs)
     )
-    print(format_table(ours, reference))
+    reference, reference_image = bench_diffusers(options, params) if options.reference else (None, None)
+    settings = bench_settings(options, params)
+    server = served_environment(model)
+    if model.low_memory or options.cuda_options or options.trt_options:
+        server["engine_options"] = {"cuda": _asdict(options.cuda_options), "tensorrt": _asdict(options.trt_options)}
+    report = new_report(
+        "latency", "in-process", server, settings, [in_process_row(results, model, {"kind": "single", "value": 1})]
+    )
+    report.update(diffuserve=ours, diffusers=reference)
+    print(format_report(report))
     print(
-        f"text encoder, prompt found in the cache: {ours['text_encoder_cached_ms']:.3f} ms against "
+        f"\ntext encoder, prompt found in the cache: {ours['text_encoder_cached_ms']:.3f} ms against "
         f"{ours['text_encoder_ms']:.3f} ms encoded"
     )
-    environment = {"backend": model.backend, "target": model.target, "precision": model.precision}
-    environment |= {"device": model.device, "providers": model.providers}
-    report = {"options": asdict(options), "environment": environment, "diffuserve": ours, "diffusers": reference}
-    if reference_image is not None:
-        difference = float(np.abs(image - reference_image).max())
+    if reference is not None:
+        print(f"\nagainst diffusers on the same weights, median of {options.runs} runs each (ms)")
+        print(format_table(ours, reference))
+        difference = float(np.abs(results[0].pixels - reference_image).max())
         print(f"max |ours - diffusers| on the 0..1 image, seed {params.seeds[0]}: {difference:.2e}")
         report["max_abs_difference"] = difference
     samplers = sampler_costs(model, params, options.steps)
@@ -261,9 +320,13 @@ def run_bench(options: BenchOptions, json_path: str | None = None) -> dict:
     report.update(samplers=samplers, noise_ms=noise)
     if options.low_memory:
         report["low_memory"] = bench_low_memory(options, params, model)
-    if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    for line in outputs.write(report):
+        print(line)
     return report
+
+
+def _asdict(options) -> dict | None:
+    return asdict(options) if options is not None else None
 
 
 def bench_low_memory(options: BenchOptions, params: GenerateParams, resident: ServedModel) -> dict:
@@ -297,61 +360,8 @@ def bench_low_memory(options: BenchOptions, params: GenerateParams, resident: Se
     return {**stages, "loads_per_request": loads, "load_ms_per_request": load_ms, "max_abs_difference": difference}
 
 
-@dataclass(frozen=True)
-class LoadOptions:
-    model_dir: str
-    concurrency: tuple[int, ...] = (1, 4, 8)
-    requests: int = 32
-    steps: int = 20
-    # The server's wait for batch company in ms (WorkerConfig's default when None).
-    max_batch_wait_ms: float | None = None
-
-
-def closed_loop(server: str | Connection, concurrency: int, requests: int, steps: int) -> dict[str, float]:
-    """`concurrency` clients, each sending its next request when the last returns, until `requests` are served,
-    over one channel to the server (or, with several addresses, round-robin over them)."""
-    link = server if isinstance(server, Connection) else connection(server)
-    latencies: list[float] = []
-    batch_sizes: list[int] = []
-    counter = iter(range(requests))
-    lock = threading.Lock()
-
-    def client(stub: pb_grpc.DiffusionServiceStub) -> None:
-        while True:
-            with lock:
-                index = next(counter, None)
-            if index is None:
-                return
-            request = pb.GenerateRequest(prompt=BENCH_PROMPT, steps=steps, seeds=[index])
-            start = time.perf_counter()
-            response = stub.Generate(request, metadata=link.metadata)
-            with lock:
-                latencies.append((time.perf_counter() - start) * 1e3)
-                batch_sizes.append(response.timings.batch_size)
-
-    with link.channel() as channel:
-        stub = pb_grpc.DiffusionServiceStub(channel)
-        client_threads = [threading.Thread(target=client, args=(stub,)) for _ in range(concurrency)]
-        start = time.perf_counter()
-        for thread in client_threads:
-            thread.start()
-        for thread in client_threads:
-            thread.join()
-        wall = time.perf_counter() - start
-    p50, p90, p99 = np.percentile(latencies, [50, 90, 99])
-    return {
-        "concurrency": concurrency,
-        "images_per_s": requests / wall,
-        "p50_ms": p50,
-        "p90_ms": p90,
-        "p99_ms": p99,
-        "mean_batch": float(np.mean(batch_sizes)),
-    }
-
-
-def grpc_overhead(model_dir: str, steps: int, runs: int = 15) -> dict[str, float]:
+def grpc_overhead(model: ServedModel, steps: int, runs: int = 15) -> dict[str, float]:
     """The same single request in-process and over a loopback channel, interleaved so drift hits both alike."""
-    model = load_model(model_dir, backend="cpu")
     request = pb.GenerateRequest(prompt=BENCH_PROMPT, steps=steps, seeds=[BENCH_SEED])
     params = validate(request, {model.name: model}, model.name)
     config = ServerConfig(model_dirs=(), host="127.0.0.1", port=0)
@@ -371,57 +381,6 @@ def grpc_overhead(model_dir: str, steps: int, runs: int = 15) -> dict[str, float
     return {"in_process_p50_ms": in_process, "grpc_p50_ms": over_grpc, "overhead_ms": over_grpc - in_process}
 
 
-def run_remote_load(link: Connection, options: LoadOptions, json_path: str | None = None) -> dict:
-    """Closed-loop load on running servers (several addresses: balanced round-robin), as they are configured."""
-    closed_loop(link, 1, 2, options.steps)  # warm-up: connections, and the servers' first runs
-    rows = [closed_loop(link, concurrency, options.requests, options.steps) for concurrency in options.concurrency]
-    print(f"servers {', '.join(link.addresses)}, {options.steps} steps, {options.requests} requests per row")
-    print(f"{'clients':>8}{'images/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'batch':>7}")
-    for row in rows:
-        print(
-            f"{row['concurrency']:>8}{row['images_per_s']:>10.2f}{row['p50_ms']:>9.0f}{row['p90_ms']:>9.0f}"
-            f"{row['p99_ms']:>9.0f}{row['mean_batch']:>7.2f}"
-        )
-    report = {"options": asdict(options), "servers": list(link.addresses), "load": rows}
-    if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
-    return report
-
-
-def run_load(options: LoadOptions, json_path: str | None = None) -> dict:
-    model = load_model(options.model_dir, backend="cpu")
-    rows = []
-    for batching in (True, False):
-        wait = {} if options.max_batch_wait_ms is None else {"max_batch_wait_ms": options.max_batch_wait_ms}
-        worker = WorkerConfig(batching=batching, queue_capacity=max(options.concurrency) * 2, **wait)
-        config = ServerConfig(model_dirs=(), host="127.0.0.1", port=0, worker=worker)
-        with BackgroundServer(config, {model.name: model}) as server:
-            closed_loop(server.address, 1, 2, options.steps)  # warm-up
-            for concurrency in options.concurrency:
-                rows.append(
-                    {"batching": batching, **closed_loop(server.address, concurrency, options.requests, options.steps)}
-                )
-    overhead = grpc_overhead(options.model_dir, options.steps)
-    print(
-        f"model {model.name}, batch sizes {list(model.batch_sizes)}, {options.steps} steps, "
-        f"{options.requests} requests per row, closed loop over gRPC"
-    )
-    print(f"{'batching':<10}{'clients':>8}{'images/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'batch':>7}")
-    for row in rows:
-        print(
-            f"{'on' if row['batching'] else 'off':<10}{row['concurrency']:>8}{row['images_per_s']:>10.2f}"
-            f"{row['p50_ms']:>9.0f}{row['p90_ms']:>9.0f}{row['p99_ms']:>9.0f}{row['mean_batch']:>7.2f}"
-        )
-    print(
-        f"gRPC overhead, one request: in-process p50 {overhead['in_process_p50_ms']:.1f} ms, "
-        f"over gRPC p50 {overhead['grpc_p50_ms']:.1f} ms, difference {overhead['overhead_ms']:.1f} ms"
-    )
-    report = {"options": asdict(options), "load": rows, "grpc_overhead": overhead}
-    if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
-    return report
-
-
 # What `bench --tasks` times: each task at the same steps (strength 1 runs every step), so the rows differ only in
 # the start (the VAE encoder's pass, noising) and, for inpainting, the per-step blend.
 TASK_FIELDS = {
@@ -431,6 +390,10 @@ TASK_FIELDS = {
     "img2img, strength 0.5": {"strength": 0.5},
 }
 TASK_STAGES = ("text_encoder_ms", "vae_encode_ms", "denoise_ms", "unet_ms", "vae_decode_ms", "total_ms")
+
+
+def task_stages(times: StageTimes) -> dict[str, float]:
+    return {stage: getattr(times, stage) for stage in TASK_STAGES}
 
 
 def edit_inputs(size: tuple[int, int]) -> dict[str, bytes]:
@@ -452,7 +415,7 @@ def task_request(name: str, options: BenchOptions, images: dict[str, bytes]) -> 
     return request
 
 
-def run_task_bench(options: BenchOptions, json_path: str | None = None) -> dict:
+def run_task_bench(options: BenchOptions, outputs: Outputs = NO_OUTPUTS) -> dict:
     """Each task the model serves, in-process at the same steps, runs interleaved; medians per stage (ms)."""
     model = load_bench_model(options)
     images = edit_inputs(model.manifest.default_size)
@@ -460,22 +423,26 @@ def run_task_bench(options: BenchOptions, json_path: str | None = None) -> dict:
     requests = {n: validate(task_request(n, options, images), {model.name: model}, model.name) for n in names}
     for params in requests.values():
         generate(model, params)  # warm-up, and the prompt's chunks cached for every task alike
-    runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
-    for _ in range(options.runs):
-        for name, params in requests.items():
-            times = generate(model, params).times
-            runs[name].append({stage: getattr(times, stage) for stage in TASK_STAGES})
-    table = {name: median_of(rows) for name, rows in runs.items()}
-    print(
-        f"model {model.name}, {options.steps} steps {options.scheduler}, guidance {BENCH_GUIDANCE}, median of "
-        f"{options.runs} interleaved runs (ms); {model.backend} backend on {model.device}"
-    )
+    runs: dict[str, list] = {n: [] for n in names}
+    with ProgressBar("bench tasks", options.runs * len(names)) as progress:
+        for _ in range(options.runs):
+            for name, params in requests.items():
+                runs[name].append(generate(model, params))
+                progress.advance()
+    table = {
+        name: median_of([{s: getattr(r.times, s) for s in TASK_STAGES} for r in results])
+        for name, results in runs.items()
+    }
+    rows = [in_process_row(results, model, {"kind": "task", "value": name}) for name, results in runs.items()]
+    settings = bench_settings(options, next(iter(requests.values())))
+    report = new_report("tasks", "in-process", served_environment(model), settings, rows, tasks=table)
+    print(format_header(report))
+    print(f"each task, median of {options.runs} interleaved runs (ms)")
     header = f"{'task':<24}" + "".join(f"{stage.removesuffix('_ms'):>14}" for stage in TASK_STAGES)
     print(header)
     print("-" * len(header))
     for name, row in table.items():
         print(f"{name:<24}" + "".join(f"{row[stage]:>14.2f}" for stage in TASK_STAGES))
-    report = {"options": asdict(options), "tasks": table}
-    if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    for line in outputs.write(report):
+        print(line)
     return report

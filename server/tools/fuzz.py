@@ -29,6 +29,7 @@ from PIL import Image
 from diffuserve.v1 import diffusion_pb2 as pb
 from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
+from ..client import Connection
 from ..images import MASK_MODES, MAX_INPUT_PIXELS, MIME_TYPES
 from ..params import (
     MAX_CONDITIONING_SIZE,
@@ -1616,13 +1617,15 @@ def task_label(task: int) -> str:
     return pb.Task.Name(task).removeprefix("TASK_").lower()
 
 
-def run_fuzz(address: str, count: int, seed: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S) -> FuzzReport:
-    """Sends `count` cases to the server at `address`, one at a time, each with a deadline of timeout_s, checks
-    every answer against the contract and, at the end, that the server still serves a good request."""
+def run_fuzz(server: str | Connection, count: int, seed: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S) -> FuzzReport:
+    """Sends `count` cases to the server (an address, or a Connection with its TLS and token), one at a time, each
+    with a deadline of timeout_s, checks every answer against the contract and, at the end, that the server still
+    serves a good request."""
     require_hypothesis()
     # Client limits stay at grpcio's defaults (4 MiB received; metadata 8 KiB soft, 16 KiB hard): what a real client
     # has, so an error message too long for its metadata limit shows up here as it would there.
-    with grpc.insecure_channel(address) as channel:
+    link = server if isinstance(server, Connection) else Connection((server,))
+    with link.plain_channel() as channel:
         target = probe_target(channel, timeout_s)
         records: list[Record] = []
         start = time.perf_counter()

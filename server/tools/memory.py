@@ -14,37 +14,10 @@ from pathlib import Path
 from diffuserve.engine.manifest import MANIFEST_NAME, ComponentGraph, Manifest, format_size
 from diffuserve.v1 import diffusion_pb2 as pb
 
+from ..resources import peak_rss_bytes, rss_bytes
+
 # Steps of the probe's requests: enough to run every engine at each shape once.
 PROBE_STEPS = 2
-
-
-def _proc_status_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def rss_bytes() -> int | None:
-    return _proc_status_bytes("VmRSS")
-
-
-def peak_rss_bytes() -> int | None:
-    return _proc_status_bytes("VmHWM")
-
-
-def reset_peak_rss() -> bool:
-    """Starts a new high-water mark (Linux: writing 5 to clear_refs), so each phase's peak is its own."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
 
 
 def restricted_copy(folder: Path, batches: tuple[int, ...], dest: Path) -> Path:

@@ -24,6 +24,7 @@ from diffuserve.v1 import diffusion_pb2 as pb
 from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
 from ..app import CHANNEL_OPTIONS, BackgroundServer, ServerConfig
+from ..client import Connection
 from ..models import load_model
 from ..worker import WorkerConfig
 
@@ -174,10 +175,28 @@ FUZZ_MAX_STEPS = 2
 FUZZ_MAX_IMAGES = 2
 
 
+def run_fuzz_on_server(link: Connection, count: int, seed: int = 0, json_path: str | None = None) -> bool:
+    """`diffuserve bench --server ADDRESS --fuzz N`: a running server fuzzed as it is configured (its limits are read
+    from ListModels); True if the contract held for every case."""
+    from .fuzz import run_fuzz
+
+    return tell_fuzz(run_fuzz(link, count, seed), f"servers {', '.join(link.addresses)}, seed {seed}:", json_path)
+
+
+def tell_fuzz(report, heading: str, json_path: str | None) -> bool:
+    """Prints a fuzz run's report (and writes it as JSON where asked); True if the contract held."""
+    from .fuzz import format_report as format_fuzz_report
+
+    print(heading)
+    print(format_fuzz_report(report))
+    if json_path:
+        Path(json_path).write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
+    return report.ok
+
+
 def run_fuzz_on_model(model_dir: str, count: int, seed: int = 0, json_path: str | None = None) -> bool:
     """`diffuserve bench MODEL --fuzz N`: the model served on loopback with small limits, fuzzed; True if the
     contract held for every case."""
-    from .fuzz import format_report as format_fuzz_report
     from .fuzz import run_fuzz
 
     model = load_model(model_dir, backend="cpu")
@@ -185,8 +204,5 @@ def run_fuzz_on_model(model_dir: str, count: int, seed: int = 0, json_path: str 
     config = ServerConfig(model_dirs=(), host="127.0.0.1", port=0)
     with BackgroundServer(config, {model.name: replace(model, defaults=limits)}) as server:
         report = run_fuzz(server.address, count, seed)
-    print(f"model {model.name}, max_steps {FUZZ_MAX_STEPS}, max_images {FUZZ_MAX_IMAGES}, seed {seed}:")
-    print(format_fuzz_report(report))
-    if json_path:
-        Path(json_path).write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
-    return report.ok
+    heading = f"model {model.name}, max_steps {FUZZ_MAX_STEPS}, max_images {FUZZ_MAX_IMAGES}, seed {seed}:"
+    return tell_fuzz(report, heading, json_path)

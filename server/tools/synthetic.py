@@ -33,9 +33,10 @@ from ..models import ServedModel, load_model
 from ..noise import make_generator
 from ..params import GenerateParams, scheduler_enum, validate
 from ..pipeline import StageTimes, generate, to_uint8
+from ..resources import gpu_memory_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
 from ..schedulers import make_plan
-from .bench import BENCH_GUIDANCE, BENCH_PROMPT, BENCH_SEED, median_of
-from .memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+from .bench import median_of
+from .load import BENCH_GUIDANCE, BENCH_PROMPT, BENCH_SEED
 
 log = logging.getLogger(__name__)
 
@@ -150,13 +151,6 @@ def emit(text: str = "") -> None:
 
 
 # Memory: the process's resident set (peak per phase, via Linux's resettable high-water mark) and the GPU's use.
-
-
-def gpu_memory_bytes(device_id: int) -> int | None:
-    """Memory in use on the GPU (NVML, every process), or None without a driver."""
-    from diffuserve.engine.nvml import gpu_memory_used
-
-    return gpu_memory_used(device_id)
 
 
 @dataclass

@@ -145,7 +145,7 @@ class Image(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., seed: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
-    __slots__ = ("queue_ms", "text_encoder_ms", "denoise_ms", "unet_ms", "vae_decode_ms", "image_encode_ms", "total_ms", "batch_size", "vae_encode_ms")
+    __slots__ = ("queue_ms", "text_encoder_ms", "denoise_ms", "unet_ms", "vae_decode_ms", "image_encode_ms", "total_ms", "batch_size", "vae_encode_ms", "unet_calls")
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     TEXT_ENCODER_MS_FIELD_NUMBER: _ClassVar[int]
     DENOISE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,7 @@ class Timings(_message.Message):
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     VAE_ENCODE_MS_FIELD_NUMBER: _ClassVar[int]
+    UNET_CALLS_FIELD_NUMBER: _ClassVar[int]
     queue_ms: float
     text_encoder_ms: float
     denoise_ms: float
@@ -164,7 +165,8 @@ class Timings(_message.Message):
     total_ms: float
     batch_size: int
     vae_encode_ms: float
-    def __init__(self, queue_ms: _Optional[float] = ..., text_encoder_ms: _Optional[float] = ..., denoise_ms: _Optional[float] = ..., unet_ms: _Optional[float] = ..., vae_decode_ms: _Optional[float] = ..., image_encode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., vae_encode_ms: _Optional[float] = ...) -> None: ...
+    unet_calls: int
+    def __init__(self, queue_ms: _Optional[float] = ..., text_encoder_ms: _Optional[float] = ..., denoise_ms: _Optional[float] = ..., unet_ms: _Optional[float] = ..., vae_decode_ms: _Optional[float] = ..., image_encode_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., vae_encode_ms: _Optional[float] = ..., unet_calls: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "model", "images", "timings", "steps", "guidance_scale", "scheduler", "noise_mode", "task", "strength", "prompt_tokens", "negative_prompt_tokens", "text_chunks")
@@ -299,7 +301,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("version", "backend", "providers", "default_model", "models", "runtime_versions", "queue_capacity", "queue_depth", "batching", "max_batch_wait_ms", "default_noise_mode", "device", "target", "backend_reason", "text_cache")
+    __slots__ = ("version", "backend", "providers", "default_model", "models", "runtime_versions", "queue_capacity", "queue_depth", "batching", "max_batch_wait_ms", "default_noise_mode", "device", "target", "backend_reason", "text_cache", "resident_memory_bytes", "gpu_memory_bytes")
     class RuntimeVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -322,6 +324,8 @@ class GetServerInfoResponse(_message.Message):
     TARGET_FIELD_NUMBER: _ClassVar[int]
     BACKEND_REASON_FIELD_NUMBER: _ClassVar[int]
     TEXT_CACHE_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GPU_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     version: str
     backend: str
     providers: _containers.RepeatedScalarFieldContainer[str]
@@ -337,7 +341,9 @@ class GetServerInfoResponse(_message.Message):
     target: str
     backend_reason: str
     text_cache: TextEncoderCache
-    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., default_model: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., runtime_versions: _Optional[_Mapping[str, str]] = ..., queue_capacity: _Optional[int] = ..., queue_depth: _Optional[int] = ..., batching: _Optional[bool] = ..., max_batch_wait_ms: _Optional[float] = ..., default_noise_mode: _Optional[_Union[NoiseMode, str]] = ..., device: _Optional[str] = ..., target: _Optional[str] = ..., backend_reason: _Optional[str] = ..., text_cache: _Optional[_Union[TextEncoderCache, _Mapping]] = ...) -> None: ...
+    resident_memory_bytes: int
+    gpu_memory_bytes: int
+    def __init__(self, version: _Optional[str] = ..., backend: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., default_model: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ..., runtime_versions: _Optional[_Mapping[str, str]] = ..., queue_capacity: _Optional[int] = ..., queue_depth: _Optional[int] = ..., batching: _Optional[bool] = ..., max_batch_wait_ms: _Optional[float] = ..., default_noise_mode: _Optional[_Union[NoiseMode, str]] = ..., device: _Optional[str] = ..., target: _Optional[str] = ..., backend_reason: _Optional[str] = ..., text_cache: _Optional[_Union[TextEncoderCache, _Mapping]] = ..., resident_memory_bytes: _Optional[int] = ..., gpu_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class TextEncoderCache(_message.Message):
     __slots__ = ("hits", "misses", "hit_rate", "entries", "bytes", "max_entries", "max_bytes")
