@@ -116,12 +116,12 @@ def bench_ours(options: BenchOptions) -> tuple[list, GenerateParams, ServedModel
     return results, params, model
 
 
-def in_process_row(results: list, model: ServedModel, load: dict) -> dict:
+def in_process_row(results: list, model: ServedModel, load: dict, images: int = 1) -> dict:
     """The runs as a report row: in-process, a request's end to end is the pipeline's total."""
     clock, samples = 0.0, []
     for result in results:
         clock += result.times.total_ms / 1e3
-        samples.append(Sample(result.times.total_ms, clock, stages_of(result.times)))
+        samples.append(Sample(result.times.total_ms, clock, stages_of(result.times), images, images))
     return summarise(samples, clock, load, process_memory(model))
 
 

@@ -7,11 +7,12 @@ A report is a dict:
   mode         "latency" (requests one at a time), "closed" (N clients), "open" (Poisson arrivals), "soak",
                "tasks" (each task the model serves, one at a time)
   target       what was measured: "in-process", "server" (with addresses), "synthetic"
-  environment  {"machine": where the bench ran, "server": what served (backend, device, precision, model, ...)}
+  environment  {"machine": where the bench ran, "server": what served (backend, device, precision, model, ...)};
+               one flat mapping in a synthetic-model report, which runs in-process
   settings     the requests: prompt, steps, scheduler, guidance, size, images per request, ...
   rows         one per load point (a single row for latency), each with
-                 load: {"kind": "single" | "clients" | "rate" | "minute" | "task", "value": a number (the task's
-                 name for "task")}
+                 load: {"kind": "single" | "clients" | "rate" | "minute" | "task" | "batch", "value": a number
+                 (the task's name for "task")}
                  requests, ok, errors {grpc code: count}, wall_s, images_per_s, mean_batch
                  latency_ms: {p50, p90, p99, max, mean} end to end as the client saw it
                  stages_ms: {stage: {p50, p90, p99, max, mean}} for each of STAGES the server reported
@@ -90,6 +91,7 @@ LOAD_LABELS = {
     "rate": "requests/s",
     "minute": "minute",
     "task": "task",
+    "batch": "images per request",
 }
 
 # Libraries whose versions change the figures.
@@ -274,7 +276,8 @@ def csv_text(report: Mapping[str, Any]) -> str:
     header += [f"{stage.removesuffix('_ms')}_{stat}_ms" for stage in stages for stat in stats]
     header += ["rss_mb", "gpu_mb", *(key for _, key in CSV_ENVIRONMENT), *CSV_SETTINGS]
     writer.writerow(header)
-    environment, settings = report["environment"], report["settings"]
+    machine, server = environment_parts(report)
+    environment, settings = {"machine": machine, "server": server}, report["settings"]
     for row in report["rows"]:
         line = [report["mode"], row["load"]["kind"], row["load"]["value"], row["requests"], row["ok"]]
         line += [sum(row["errors"].values()), _csv(row["images_per_s"]), _csv(row["mean_batch"])]
@@ -329,6 +332,8 @@ def load_label(load: Mapping[str, Any]) -> str:
         return f"{value:g}/s"
     if kind == "task":
         return str(value)
+    if kind == "batch":
+        return f"batch {value}"
     if kind == "minute":  # a soak window, by when it ended
         seconds = round(value * 60)
         return f"to {seconds // 60}:{seconds % 60:02d}"
@@ -339,8 +344,16 @@ def _number(value: float | None, width: int, digits: int = 1) -> str:
     return f"{'-':>{width}}" if value is None or math.isnan(value) else f"{value:>{width}.{digits}f}"
 
 
+def environment_parts(report: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    """(machine, server) of a report; a synthetic-model report has one flat environment (it runs in-process)."""
+    environment = report["environment"]
+    if "machine" in environment and "server" in environment:
+        return environment["machine"], environment["server"]
+    return environment, environment
+
+
 def format_header(report: Mapping[str, Any]) -> str:
-    server, host, settings = report["environment"]["server"], report["environment"]["machine"], report["settings"]
+    (host, server), settings = environment_parts(report), report["settings"]
     where = report["target"] + (f" {', '.join(server['addresses'])}" if server.get("addresses") else "")
     mode = MODE_LABELS.get(report["mode"], report["mode"])
     return (
@@ -471,8 +484,8 @@ VOLATILE = ("machine.load_average_1m", "machine.host")
 
 def environment_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """(key, A's value, B's value) for every setting and environment entry that differs."""
-    left = flatten({"settings": a["settings"], **a["environment"]})
-    right = flatten({"settings": b["settings"], **b["environment"]})
+    left = flatten({"settings": a["settings"], **dict(zip(("machine", "server"), environment_parts(a), strict=True))})
+    right = flatten({"settings": b["settings"], **dict(zip(("machine", "server"), environment_parts(b), strict=True))})
     keys = [k for k in dict.fromkeys([*left, *right]) if k not in VOLATILE]
     return [(k, left.get(k), right.get(k)) for k in keys if left.get(k) != right.get(k)]
 

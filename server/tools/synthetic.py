@@ -35,8 +35,9 @@ from ..params import GenerateParams, scheduler_enum, validate
 from ..pipeline import StageTimes, generate, to_uint8
 from ..resources import gpu_memory_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
 from ..schedulers import make_plan
-from .bench import median_of
+from .bench import in_process_row, median_of
 from .load import BENCH_GUIDANCE, BENCH_PROMPT, BENCH_SEED
+from .report import REPORT_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +286,8 @@ class OurRun:
     pixels: np.ndarray
     noise: np.ndarray
     unet_calls: int
+    # The runs as a bench report row (server/tools/report.py), so --compare, --csv and --plot read this report too.
+    row: dict
 
 
 def bench_ours(model: ServedModel, options: SyntheticOptions, batch: int) -> OurRun:
@@ -293,7 +296,8 @@ def bench_ours(model: ServedModel, options: SyntheticOptions, batch: int) -> Our
     generate(model, params)  # warm-up: first runs pay for lazy allocations (and CUDA-graph capture)
     results = [generate(model, params) for _ in range(options.runs)]
     stages = median_of([our_stages(r.times, calls, params.steps, batch) for r in results])
-    return OurRun(stages, results[-1].pixels, unit_noise(model, params), calls)
+    row = in_process_row(results, model, {"kind": "batch", "value": batch}, images=batch)
+    return OurRun(stages, results[-1].pixels, unit_noise(model, params), calls, row)
 
 
 # 4. diffusers' pipeline on the same weights, device and latents.
@@ -529,7 +533,23 @@ def run_synthetic_bench(options: SyntheticOptions, json_path: str | os.PathLike 
         results.append(result)
     reference_memory = results[-1].get("diffusers_memory")
     env["diffusers_pipeline"] = results[0].get("diffusers_setup")
+    width, height = native_size(options.kind)
+    settings = {
+        "prompt": BENCH_PROMPT,
+        "steps": options.steps,
+        "scheduler": options.scheduler,
+        "guidance_scale": BENCH_GUIDANCE,
+        "width": width,
+        "height": height,
+        "images_per_request": list(options.batches),
+        "runs": options.runs,
+    }
     report = {
+        "schema": REPORT_SCHEMA,
+        "mode": "latency",
+        "target": "synthetic",
+        "settings": settings,
+        "rows": [run.row for run in ours.values()],
         "options": asdict(options),
         "environment": env,
         "build": build,
