@@ -441,7 +441,7 @@ def format_soak_trend(rows: Sequence[Mapping[str, Any]]) -> str:
         a, b = get(first), get(last)
         if a is None or b is None:
             return "-"
-        return f"{a:.1f} -> {b:.1f} {unit} ({b - a:+.1f})"
+        return f"{a:.1f} -> {b:.1f}{f' {unit}' if unit else ''} ({b - a:+.1f})"
 
     return (
         f"first window against last: resident memory {change(lambda r: r['memory'].get('rss_mb'), 'MB')}; "
@@ -452,19 +452,29 @@ def format_soak_trend(rows: Sequence[Mapping[str, Any]]) -> str:
 
 # Comparing two reports.
 
-# What is compared per matched row: (label, getter, whether a larger value is better).
+# What is compared per matched row: (label, getter, whether a larger value is better, the smallest difference worth
+# calling: timer and scheduling noise on sub-millisecond stages makes ratios of tiny numbers meaningless).
 COMPARED = (
-    ("images/s", lambda row: row["images_per_s"], True),
-    ("end to end p50", lambda row: row["latency_ms"]["p50"], False),
-    ("end to end p90", lambda row: row["latency_ms"]["p90"], False),
-    ("end to end p99", lambda row: row["latency_ms"]["p99"], False),
+    ("images/s", lambda row: row["images_per_s"], True, 0.0),
+    ("end to end p50", lambda row: row["latency_ms"]["p50"], False, 0.5),
+    ("end to end p90", lambda row: row["latency_ms"]["p90"], False, 0.5),
+    ("end to end p99", lambda row: row["latency_ms"]["p99"], False, 0.5),
     *(
-        (f"{STAGE_LABELS[stage]} p50", lambda row, stage=stage: row["stages_ms"].get(stage, {}).get("p50"), False)
+        (f"{STAGE_LABELS[stage]} p50", lambda row, stage=stage: row["stages_ms"].get(stage, {}).get("p50"), False, 0.5)
         for stage in STAGES
     ),
-    ("RSS MB", lambda row: row["memory"].get("rss_mb"), False),
-    ("GPU MB", lambda row: row["memory"].get("gpu_mb"), False),
+    ("RSS MB", lambda row: row["memory"].get("rss_mb"), False, 1.0),
+    ("GPU MB", lambda row: row["memory"].get("gpu_mb"), False, 1.0),
 )
+# Relative differences below this are not called better or worse.
+CALLED_DIFFERENCE = 0.02
+
+
+def verdict(a: float, b: float, higher_is_better: bool, floor: float) -> str | None:
+    """ "better" or "worse" for B against A, or None when the difference is within noise."""
+    if not a or abs(b / a - 1) < CALLED_DIFFERENCE or abs(b - a) < floor:
+        return None
+    return "better" if (b > a) == higher_is_better else "worse"
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -504,14 +514,13 @@ def compare_reports(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any
         if row_b is None:
             continue
         figures = []
-        for label, get, higher_is_better in COMPARED:
+        for label, get, higher_is_better, floor in COMPARED:
             value_a, value_b = get(row_a), get(row_b)
             if value_a is None or value_b is None:
                 continue
             ratio = value_b / value_a if value_a else None
-            figures.append(
-                {"figure": label, "a": value_a, "b": value_b, "ratio": ratio, "higher_is_better": higher_is_better}
-            )
+            called = verdict(value_a, value_b, higher_is_better, floor)
+            figures.append({"figure": label, "a": value_a, "b": value_b, "ratio": ratio, "verdict": called})
         matched.append({"load": row_a["load"], "figures": figures})
     return {"rows": matched, "differences": environment_differences(a, b)}
 
@@ -530,15 +539,14 @@ def format_comparison(comparison: Mapping[str, Any], names: tuple[str, str]) -> 
     for row in comparison["rows"]:
         lines += ["", f"{load_label(row['load'])}", f"{'figure':<30}{'A':>12}{'B':>12}{'B/A':>8}  ", "-" * 64]
         for figure in row["figures"]:
-            ratio = figure["ratio"]
-            verdict = ""
-            if ratio is not None and abs(ratio - 1) >= 0.02:
-                better = (ratio > 1) == figure["higher_is_better"]
-                verdict = "B better" if better else "B worse"
-            shown = "-" if ratio is None else f"{ratio:.2f}"
-            lines.append(f"{figure['figure']:<30}{figure['a']:>12.2f}{figure['b']:>12.2f}{shown:>8}  {verdict}")
+            shown = "-" if figure["ratio"] is None else f"{figure['ratio']:.2f}"
+            called = f"B {figure['verdict']}" if figure["verdict"] else ""
+            lines.append(f"{figure['figure']:<30}{figure['a']:>12.2f}{figure['b']:>12.2f}{shown:>8}  {called}")
     lines.append("")
-    lines.append("(B/A: below 1 is less time or memory, above 1 more images/s; differences under 2% are not called)")
+    lines.append(
+        f"(B/A: below 1 is less time or memory, above 1 more images/s; differences under {CALLED_DIFFERENCE:.0%}, or "
+        "under 0.5 ms or 1 MB, are not called)"
+    )
     return "\n".join(lines)
 
 
