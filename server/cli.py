@@ -1,4 +1,4 @@
-"""The `diffuserve` command: export, build-engines, serve, generate, bench, demo."""
+"""The `diffuserve` command: export, build-engines, serve, generate, gateway, grid, bench, demo."""
 
 from __future__ import annotations
 
@@ -13,14 +13,18 @@ from diffuserve.engine.loader import BACKENDS
 from diffuserve.engine.manifest import TARGETS
 
 from .app import ServerConfig
+from .gateway import GATEWAY_GRACE_S
 from .logs import LOG_FORMATS, configure_logging
+from .metrics import MissingExtra
 from .models import BUNDLED_MODEL, ModelDefaults
 from .noise import NOISE_MODES
 from .params import IMAGE_FORMATS
 from .schedulers import SAMPLERS
 from .settings import SettingsError, check_ranges, with_settings
 from .tools.demo import DEMO_PROMPT
-from .tools.synthetic import add_synthetic_arguments, cmd_synthetic
+from .tools.grid import AXES, DEFAULT_CONCURRENCY
+from .tools.load import BENCH_GUIDANCE, BENCH_PROMPT
+from .tools.synthetic import add_synthetic_arguments, cmd_synthetic, cmd_synthetic_load
 from .worker import WorkerConfig
 
 log = logging.getLogger("diffuserve")
@@ -149,9 +153,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ),
         **security_settings(args),
     )
+    if config.http_port is not None:
+        try:  # before any model loads: the gateway's packages are an extra
+            from .gateway import app  # noqa: F401
+        except MissingExtra as error:
+            print(f"serve: --http-port: {error}", file=sys.stderr)
+            return 1
     try:
         serve(config)
-    except (BackendUnavailableError, FileNotFoundError, ValueError) as e:
+    except (BackendUnavailableError, FileNotFoundError, ValueError, OSError) as e:
         # What start-up refuses (a backend that does not run here, missing plans, a folder that is not a model).
         print(f"serve: cannot start: {e}", file=sys.stderr)
         return 1
@@ -164,6 +174,12 @@ def security_settings(args: argparse.Namespace) -> dict:
 
     if (args.tls_cert is None) != (args.tls_key is None) or (args.tls_client_ca and not args.tls_cert):
         raise SystemExit("--tls-cert and --tls-key: give both for TLS (and --tls-client-ca only with them)")
+    if args.http_port is not None and args.tls_cert:
+        # The in-process gateway reaches the port over loopback, where the certificate's names do not match.
+        raise SystemExit(
+            "--http-port: the in-process gateway speaks plaintext to its own port; with --tls-cert run "
+            "'diffuserve gateway --server HOST:PORT --tls-ca CA' beside the server instead"
+        )
     try:
         tokens = load_tokens(args.auth_token_file)
     except SecurityError as error:
@@ -176,6 +192,7 @@ def security_settings(args: argparse.Namespace) -> dict:
         "open_reflection": not args.auth_reflection,
         "longest_request_s": args.longest_request_s,
         "metrics_port": args.metrics_port,
+        "http_port": args.http_port,
     }
 
 
@@ -262,20 +279,47 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from .tools.bench import BenchOptions, LoadOptions, run_bench, run_load
+def cmd_gateway(args: argparse.Namespace) -> int:
+    try:
+        from .gateway.app import GatewayConfig, run_gateway
+    except MissingExtra as error:
+        print(f"gateway: {error}", file=sys.stderr)
+        return 1
+    if not 0 <= args.http_port <= 65535:
+        print(f"gateway: --http-port: must be 0..65535, got {args.http_port}", file=sys.stderr)
+        return 2
+    link = client_connection(args)
+    config = GatewayConfig(link, args.http_host, args.http_port, grace_s=args.grace, timeout_s=args.timeout)
+    try:
+        run_gateway(config)
+    except OSError as error:
+        print(f"gateway: cannot start: {error}", file=sys.stderr)
+        return 1
+    return 0
 
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .tools.report import Outputs, ReportError
+
+    if args.compare:
+        from .tools.report import compare_reports, format_comparison, load_report
+
+        try:
+            first, second = (load_report(path) for path in args.compare)
+        except ReportError as error:
+            print(f"bench --compare: {error}", file=sys.stderr)
+            return 2
+        print(format_comparison(compare_reports(first, second), tuple(args.compare)))
+        return 0
+    outputs = Outputs(args.json, args.csv, args.plot)
+    if args.synthetic and bench_mode(args) != "latency":
+        return cmd_synthetic_load(args, lambda folder_args: bench_served_here(folder_args, outputs))
     if args.synthetic:
         return cmd_synthetic(args)
-    if args.load and args.remote:
-        from .tools.bench import run_remote_load
-
-        args.server = args.remote
-        load = LoadOptions("", tuple(args.concurrency), args.requests, args.steps)
-        run_remote_load(client_connection(args), load, json_path=args.json)
-        return 0
+    if args.remote:
+        return bench_servers(args, outputs)
     if not args.model:
-        print("bench: give MODEL (an exported model folder) or --synthetic KIND", file=sys.stderr)
+        print("bench: give MODEL (an exported model folder), --server HOST:PORT or --synthetic KIND", file=sys.stderr)
         return 2
     if args.memory:
         from .tools.memory import memory_report
@@ -291,10 +335,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .tools.robustness import run_fuzz_on_model
 
         return 0 if run_fuzz_on_model(args.model, args.fuzz, args.seed, json_path=args.json) else 1
-    if args.load:
-        load = LoadOptions(args.model, tuple(args.concurrency), args.requests, args.steps, args.max_batch_wait_ms)
-        run_load(load, json_path=args.json)
-        return 0
+    if bench_mode(args) != "latency":
+        return bench_served_here(args, outputs)
+    from .tools.bench import BenchOptions, run_bench, run_task_bench
+
     options = BenchOptions(
         model_dir=args.model,
         reference=args.reference,
@@ -306,13 +350,128 @@ def cmd_bench(args: argparse.Namespace) -> int:
         trt_options=trt_options(args),
         low_memory=args.low_memory,
     )
-    if args.tasks:
-        from .tools.bench import run_task_bench
-
-        run_task_bench(options, json_path=args.json)
-        return 0
-    run_bench(options, json_path=args.json)
+    (run_task_bench if args.tasks else run_bench)(options, outputs)
     return 0
+
+
+def bench_mode(args: argparse.Namespace) -> str:
+    """latency (one request at a time) unless --soak, --rate (open loop) or --load (closed loop) asks otherwise."""
+    if args.soak:
+        return "soak"
+    if args.rate:
+        return "open"
+    return "closed" if args.load else "latency"
+
+
+def load_plan(args: argparse.Namespace):
+    from .tools.load import LoadPlan
+
+    try:
+        return LoadPlan(
+            mode=bench_mode(args),
+            runs=args.runs,
+            concurrency=tuple(args.concurrency),
+            rates=tuple(args.rate or ()),
+            requests=args.requests,
+            soak_s=args.soak or 0.0,
+            window_s=args.window,
+            arrival_seed=args.seed,
+        )
+    except ValueError as error:
+        raise SystemExit(f"bench: {error}") from None
+
+
+def request_settings(args: argparse.Namespace):
+    from .tools.load import RequestSettings
+
+    width, height = args.size or (0, 0)
+    return RequestSettings(
+        prompt=args.prompt,
+        model=args.model_name,
+        steps=args.steps,
+        scheduler=args.scheduler,
+        guidance_scale=args.guidance,
+        width=width,
+        height=height,
+        images_per_request=args.images,
+        timeout_s=args.timeout,
+    )
+
+
+def bench_servers(args: argparse.Namespace, outputs) -> int:
+    """bench --server: running servers, over gRPC as a client reaches them."""
+    import grpc
+
+    args.server = args.remote
+    link = client_connection(args)
+    if args.fuzz:
+        from .tools.robustness import run_fuzz_on_server
+
+        return 0 if run_fuzz_on_server(link, args.fuzz, args.seed, json_path=args.json) else 1
+    if args.reference or args.tasks or args.memory or args.faults or args.low_memory:
+        print(
+            "bench --server: --reference, --tasks, --memory, --faults and --low-memory time a model folder "
+            "in-process; give MODEL instead of --server for them",
+            file=sys.stderr,
+        )
+        return 2
+    from .tools.load import run_load_bench
+    from .tools.report import format_report
+
+    try:
+        report = run_load_bench(link, load_plan(args), request_settings(args), "server")
+    except (grpc.RpcError, ValueError) as error:
+        detail = f"{error.code().name}: {error.details()}" if isinstance(error, grpc.RpcError) else str(error)
+        print(f"bench --server: {detail}", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    for line in outputs.write(report):
+        print(line)
+    return 0
+
+
+def bench_served_here(args: argparse.Namespace, outputs) -> int:
+    """bench MODEL --load/--rate/--soak: the model served on a loopback port, measured over gRPC."""
+    from .models import load_model
+    from .tools.bench import grpc_overhead
+    from .tools.load import run_load_bench, served_here, worker_for
+    from .tools.report import format_report
+
+    plan = load_plan(args)
+    if not args.verbose:  # a log line per request would bury the table
+        logging.getLogger("diffuserve.server.service").setLevel(logging.WARNING)
+    model = load_model(
+        args.model, backend=args.backend, cuda_options=cuda_options(args), trt_options=trt_options(args)
+    )
+    worker = worker_for(plan, batching=not args.no_batching, max_batch_wait_ms=args.max_batch_wait_ms)
+    with served_here(model, worker) as link:
+        report = run_load_bench(link, plan, request_settings(args), "in-process")
+    report["environment"]["server"].pop("addresses", None)
+    print(format_report(report))
+    if plan.mode == "closed":
+        overhead = report["grpc_overhead"] = grpc_overhead(model, args.steps)
+        print(
+            f"gRPC overhead, one request: in-process p50 {overhead['in_process_p50_ms']:.1f} ms, over loopback gRPC "
+            f"p50 {overhead['grpc_p50_ms']:.1f} ms, difference {overhead['overhead_ms']:.1f} ms"
+        )
+    for line in outputs.write(report):
+        print(line)
+    return 0
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from 90, 90s, 10m or 2h."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"a duration is seconds or a number with s, m or h (90, 10m); got {text!r}"
+        ) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"a duration above 0 is needed; got {text!r}")
+    return seconds
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -339,6 +498,39 @@ def cmd_gallery(args: argparse.Namespace) -> int:
     from .tools.evaluate import GALLERY_PROMPTS, make_gallery
 
     print(f"wrote {make_gallery(args.model, Path(args.output), args.prompts or GALLERY_PROMPTS, args.seed)}")
+    return 0
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    from .tools.grid import GridError, GridSpec, make_grid, parse_guidance, parse_schedulers, parse_seeds, parse_steps
+
+    try:
+        spec = GridSpec(
+            prompt=args.prompt,
+            negative_prompt=args.negative,
+            model=args.model,
+            width=args.width,
+            height=args.height,
+            noise_mode=args.noise_mode,
+            steps=parse_steps(args.steps),
+            guidance=parse_guidance(args.guidance),
+            scheduler=parse_schedulers(args.scheduler),
+            seed=parse_seeds(args.seeds),
+            columns=args.columns or "",
+        )
+        cells_dir = Path(args.cells) if args.cells else None
+        run, _ = make_grid(client_connection(args), spec, Path(args.output), cells_dir, args.concurrency, args.timeout)
+    except ValueError as error:
+        print(f"grid: {error}", file=sys.stderr)
+        return 2
+    except GridError as error:
+        print(f"grid: {error}; nothing written", file=sys.stderr)
+        return 1
+    print(
+        f"{len(run.results)} cells in {run.wall_s:.2f} s ({run.concurrency} in flight at most): mean batch "
+        f"{run.mean_batch_size:.2f} on the server, per-cell latency p50 {run.p50_latency_s * 1e3:.0f} ms"
+    )
+    print(f"wrote {args.output}" + (f", and the cells with grid.json to {args.cells}" if args.cells else ""))
     return 0
 
 
@@ -477,6 +669,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metrics-port", type=int, help="Prometheus metrics on this port (needs diffuserve[metrics]); 0: any free"
     )
+    p.add_argument(
+        "--http-port",
+        type=int,
+        help="the browser playground and its HTTP gateway on this port, on --host (needs diffuserve[gateway]); 0: any "
+        "free",
+    )
     p.add_argument("--tls-cert", help="TLS: the server's certificate chain (PEM file)")
     p.add_argument("--tls-key", help="TLS: the server's private key (PEM file)")
     p.add_argument("--tls-client-ca", help="mutual TLS: clients must present a certificate this CA (PEM) signed")
@@ -552,26 +750,85 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="show a progress bar while the server works")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("bench", help="per-stage latency, optionally against diffusers on the source model")
-    p.add_argument("model", nargs="?", help="an exported model folder (or --synthetic KIND instead)")
-    p.add_argument("--reference", help="the diffusers folder it was exported from, to time diffusers' pipeline")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--scheduler", choices=sorted(SAMPLERS), default="euler")
-    p.add_argument("--json", help="also write the results here")
-    p.add_argument("--load", action="store_true", help="closed-loop load over gRPC instead, batching on and off")
+    p = sub.add_parser(
+        "gateway",
+        help="the browser playground: an HTTP gateway (JSON, server-sent events) to running servers",
+        epilog="Endpoints: GET / (the page), GET /api/models, POST /api/generate (a JSON body of GenerateRequest "
+        "fields and `seed`; answers server-sent events). A caller's Authorization header is passed on to the server.",
+    )
+    add_client_arguments(p)
+    p.add_argument("--http-host", default="127.0.0.1", help="the address to listen on (default: loopback only)")
+    p.add_argument("--http-port", type=int, default=8080, help="the HTTP port (0: any free one)")
+    p.add_argument("--timeout", type=float, help="a deadline in seconds for each call to the server")
+    p.add_argument(
+        "--grace", type=float, default=GATEWAY_GRACE_S, help="seconds open streams get to finish on shutdown"
+    )
+    p.set_defaults(func=cmd_gateway)
+
+    p = sub.add_parser(
+        "bench",
+        help="latency and throughput: one request at a time, closed and open loop, sweeps, soak; in-process, against "
+        "running servers or synthetic full-size models",
+        epilog="Modes: one request at a time (default); --load: closed loop, a row per --concurrency; --rate: open "
+        "loop, Poisson arrivals, a row per rate; --soak DURATION: a closed loop for that long, a row per --window. "
+        "Targets: MODEL (in-process; the load modes serve it on a loopback port), --server HOST:PORT (running "
+        "servers), --synthetic KIND. Every report carries its environment; --json, --csv, --plot write it, and "
+        "--compare A.json B.json prints B against A.",
+    )
+    p.add_argument("model", nargs="?", help="an exported model folder (or --server, or --synthetic KIND instead)")
     p.add_argument(
         "--server",
         dest="remote",
-        help="with --load: running servers instead of MODEL (HOST:PORT; several, comma-separated, round-robin)",
+        help="running servers instead of MODEL (HOST:PORT; several, comma-separated, round-robin)",
     )
     add_client_arguments(p, with_server=False)
+    p.add_argument("--reference", help="the diffusers folder it was exported from, to time diffusers' pipeline")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--runs", type=int, default=5, help="requests timed one at a time (after a warm-up)")
+    p.add_argument("--scheduler", choices=sorted(SAMPLERS), default="euler")
+    p.add_argument("--prompt", default=BENCH_PROMPT, help="with --server or a load mode: the requests' prompt")
+    p.add_argument("--guidance", type=float, default=BENCH_GUIDANCE, help="with --server or a load mode")
+    p.add_argument(
+        "--size", type=parse_size, metavar="WxH", help="with --server or a load mode (default: the model's)"
+    )
+    p.add_argument("--images", type=int, default=1, help="with --server or a load mode: images per request")
+    p.add_argument(
+        "--model-name", default="", help="with --server: the served model to ask for (default: the server's)"
+    )
+    p.add_argument("--timeout", type=float, help="with --server or a load mode: each request's deadline in seconds")
+    p.add_argument("--load", action="store_true", help="closed loop: --concurrency clients, each waits for its answer")
+    p.add_argument(
+        "--rate",
+        type=float,
+        nargs="+",
+        metavar="PER_S",
+        help="open loop: requests arrive at random (Poisson) at this many per second, answered or not; a row per rate",
+    )
+    p.add_argument(
+        "--soak", type=parse_duration, metavar="DURATION", help="a closed loop for this long (30s, 10m, 2h)"
+    )
+    p.add_argument(
+        "--window",
+        type=parse_duration,
+        default=60.0,
+        metavar="DURATION",
+        help="with --soak: the span of each row (default 1m): latency and resident memory per window",
+    )
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8], help="--load: clients per row")
+    p.add_argument("--requests", type=int, default=32, help="--load, --rate: requests per row")
+    p.add_argument("--no-batching", action="store_true", help="a load mode on MODEL: serve it without batching")
+    p.add_argument("--max-batch-wait-ms", type=float, help="a load mode on MODEL: the server's wait for batch company")
+    p.add_argument("--json", help="also write the report here")
+    p.add_argument("--csv", help="also write the report's rows here, one line per load point")
+    p.add_argument(
+        "--plot", help="also draw latency against load and the per-stage breakdown here (PNG; diffuserve[plots])"
+    )
+    p.add_argument(
+        "--compare", nargs=2, metavar=("A.json", "B.json"), help="instead: print B's figures against A's, as ratios"
+    )
     p.add_argument(
         "--tasks", action="store_true", help="each task the model serves (txt2img, img2img, inpaint) at the same steps"
     )
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8], help="with --load: clients per row")
-    p.add_argument("--requests", type=int, default=32, help="with --load: requests per row")
-    p.add_argument("--max-batch-wait-ms", type=float, help="with --load: the server's wait for batch company")
     p.add_argument(
         "--faults",
         action="store_true",
@@ -583,7 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="instead: N hostile and malformed requests, each answer checked against the API's contract",
     )
-    p.add_argument("--seed", type=int, default=0, help="with --fuzz: the seed of the cases")
+    p.add_argument("--seed", type=int, default=0, help="the seed of --fuzz's cases and of --rate's arrival times")
     p.add_argument(
         "--memory",
         action="store_true",
@@ -598,6 +855,44 @@ def build_parser() -> argparse.ArgumentParser:
     add_backend_arguments(p, default="cpu")
     add_synthetic_arguments(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "grid",
+        help="every combination of a few settings, drawn concurrently over gRPC onto one titled contact sheet",
+        epilog="Each of --steps, --seeds, --guidance and --scheduler takes a comma-separated list; a setting with "
+        "one value (or none: the server's default) is the same in every cell and shown in the caption. A cell the "
+        "server refuses fails the whole grid before anything is written.",
+    )
+    p.add_argument("prompt")
+    add_client_arguments(p)
+    p.add_argument("-o", "--output", default="grid.png", help="the contact sheet (PNG)")
+    p.add_argument(
+        "--cells", metavar="DIR", help="also write each cell as the server sent it (settings inside) and grid.json"
+    )
+    p.add_argument("--steps", default="", metavar="N[,N...]", help="default: the model's")
+    p.add_argument(
+        "--seeds", "--seed", default="", metavar="N[,N...]", help="default: one random seed shared by every cell"
+    )
+    p.add_argument("--guidance", default="", metavar="G[,G...]", help="default: the model's")
+    p.add_argument(
+        "--scheduler", default="", metavar="NAME[,NAME...]", help=f"default: the model's own; of {', '.join(SAMPLERS)}"
+    )
+    p.add_argument("--columns", choices=AXES, help="the varied setting along the columns (default: seed, if varied)")
+    p.add_argument("--model", default="")
+    p.add_argument("--negative", default="")
+    p.add_argument(
+        "--noise-mode", choices=NOISE_MODES, default="", help="how seeds become noise; default: the server's"
+    )
+    p.add_argument("--width", type=int, default=0)
+    p.add_argument("--height", type=int, default=0)
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=DEFAULT_CONCURRENCY,
+        help="requests in flight at once, over one connection (so the server can batch them)",
+    )
+    p.add_argument("--timeout", type=float, help="each cell's deadline in seconds")
+    p.set_defaults(func=cmd_grid)
 
     p = sub.add_parser("demo", help="serve the bundled model on a loopback port and draw one prompt over gRPC")
     p.add_argument("--prompt", default=DEMO_PROMPT)

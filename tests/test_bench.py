@@ -260,3 +260,19 @@ def test_fuzz_reaches_a_server_that_wants_a_token(tiny_model: ServedModel) -> No
             run_fuzz(server.address, 3)
         report = run_fuzz(Connection((server.address,), token=token), 12, seed=1)
     assert report.cases == 12 and report.ok
+
+
+def test_synthetic_models_take_the_load_modes_on_their_export(tiny_export: Path, tmp_path: Path, monkeypatch) -> None:
+    """The build and export of a full-size model (4 GB, minutes) are stood in for by the tiny export, placed where
+    --work keeps the synthetic export; the rest is the real path: served on loopback, measured over gRPC."""
+    from diffuserve.server.tools import synthetic
+
+    (tmp_path / "export-cpu").symlink_to(tiny_export, target_is_directory=True)
+    monkeypatch.setattr(synthetic, "prepare_source", lambda options: {})
+    monkeypatch.setattr(synthetic, "prepare_export", lambda options, source: {})
+    json_path = tmp_path / "synthetic-load.json"
+    args = ["bench", "--synthetic", "sd15", "--work", str(tmp_path), "--load", "--concurrency", "2", "--requests", "4"]
+    assert main([*args, "--json", str(json_path)]) == 0
+    report = load_report(json_path)
+    assert report["mode"] == "closed" and report["rows"][0]["ok"] == 4
+    assert report["settings"]["steps"] == 2  # the CPU target's own, --steps not given

@@ -16,7 +16,7 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -821,11 +821,34 @@ def options_from_args(args: argparse.Namespace) -> SyntheticOptions:
 EXCLUSIVE_FLAGS = {
     "model": "MODEL",
     "reference": "--reference",
-    "load": "--load",
     "faults": "--faults",
     "fuzz": "--fuzz",
     "memory": "--memory",
 }
+
+
+def cmd_synthetic_load(args: argparse.Namespace, bench_folder: Callable[[argparse.Namespace], int]) -> int:
+    """bench --synthetic KIND with a load mode (--load, --rate, --soak): the model built and exported as for the
+    latency bench (or reused), then served on a loopback port and measured by `bench_folder` as a model folder is."""
+    from diffuserve.engine.ort import BackendUnavailableError
+    from diffuserve.export.exporter import ExportError
+    from diffuserve.export.parity import ParityError
+
+    clashing = [flag for name, flag in EXCLUSIVE_FLAGS.items() if getattr(args, name, None)]
+    if clashing:
+        print(f"bench --synthetic: drop {', '.join(clashing)}: it builds its own model", file=sys.stderr)  # noqa: T201
+        return 2
+    try:
+        options = options_from_args(args)
+        preflight(options)
+        prepare_source(options)
+        prepare_export(options, options.source_dir)
+    except (SyntheticBenchError, ExportError, ParityError, BackendUnavailableError, ValueError) as e:
+        print(f"bench --synthetic failed: {e}", file=sys.stderr)  # noqa: T201
+        return 1
+    # The target's own step count unless --steps was given (a CPU runs a full-size U-Net call in seconds).
+    folder_args = {"model": str(options.export_dir), "backend": options.backend, "steps": options.steps}
+    return bench_folder(argparse.Namespace(**{**vars(args), **folder_args}))
 
 
 def cmd_synthetic(args: argparse.Namespace) -> int:
