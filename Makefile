@@ -16,7 +16,7 @@ RUNTIME_VENV := build/runtime-venv
 
 $(BIN)/diffuserve: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) -e ".[cpu,export,dev,ray]"
+	$(PIP_INSTALL) -e ".[cpu,export,dev,ray,plots,gateway]"
 	touch $@
 
 install: $(BIN)/diffuserve

@@ -80,6 +80,8 @@ class ServerConfig:
     longest_request_s: float = 600.0
     # Prometheus metrics on this port (0: any free one); None: none.
     metrics_port: int | None = None
+    # The HTTP gateway and browser playground on this port (0: any free one), a client of this server; None: none.
+    http_port: int | None = None
 
 
 def load_models(config: ServerConfig) -> dict[str, ServedModel]:
@@ -128,6 +130,8 @@ class Running:
     worker: InferenceWorker
     # The /metrics HTTP server, when there is one (its port: .server_port).
     metrics: Any = None
+    # The HTTP gateway (gateway.app.GatewayServer; its port: .port), when there is one.
+    gateway: Any = None
 
 
 async def start_server(config: ServerConfig, models: Mapping[str, ServedModel]) -> Running:
@@ -160,7 +164,14 @@ async def start_server(config: ServerConfig, models: Mapping[str, ServedModel]) 
     await server.start()
     for name in ("", SERVICE_NAME, OIP_SERVICE_NAME, *models):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, port, health_servicer, service, worker, metrics_endpoint)
+    gateway = None
+    if config.http_port is not None:
+        from .gateway.app import gateway_beside_server
+
+        gateway = gateway_beside_server(config.host, port, config.http_port, config.grace_s)
+        await asyncio.get_running_loop().run_in_executor(None, gateway.start)
+        log.info("playground on %s", gateway.url)
+    return Running(server, port, health_servicer, service, worker, metrics_endpoint, gateway)
 
 
 async def drain(running: Running, grace_s: float) -> None:
@@ -176,6 +187,9 @@ async def drain(running: Running, grace_s: float) -> None:
     if running.metrics is not None:
         running.metrics.shutdown()
         running.metrics.server_close()
+    # Last: its streams were calls of this server, finished or ended by now; new ones were answered 503 meanwhile.
+    if running.gateway is not None:
+        await asyncio.get_running_loop().run_in_executor(None, running.gateway.stop)
 
 
 def serve(config: ServerConfig) -> None:

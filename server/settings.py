@@ -116,6 +116,7 @@ def check_ranges(args: argparse.Namespace) -> None:
     bounds = {
         "port": (0, 65535),
         "metrics_port": (0, 65535),
+        "http_port": (0, 65535),
         "queue_capacity": (1, None),
         "max_steps": (1, None),
         "max_images": (1, None),
