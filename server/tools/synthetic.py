@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import math
 import os
@@ -37,7 +36,7 @@ from ..resources import gpu_memory_bytes, peak_rss_bytes, reset_peak_rss, rss_by
 from ..schedulers import make_plan
 from .bench import in_process_row, median_of
 from .load import BENCH_GUIDANCE, BENCH_PROMPT, BENCH_SEED
-from .report import REPORT_SCHEMA
+from .report import REPORT_SCHEMA, write_json
 
 log = logging.getLogger(__name__)
 
@@ -567,14 +566,8 @@ def run_synthetic_bench(options: SyntheticOptions, json_path: str | os.PathLike 
 
 
 def write_report(report: Mapping[str, Any], path: Path) -> Path:
-    path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    write_json(report, path)
     return path
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 # Formatting (pure: the report dict in, text out).
