@@ -234,6 +234,15 @@ INVALID_REQUESTS = {
 }
 
 
+def test_a_mask_that_does_not_fit_its_image_at_a_size_not_served_may_be_refused_for_the_size() -> None:
+    """The server compares a mask with its image only at a size it serves: naming the size is enough."""
+    case = edge_case(init_image=png((31, 129)), mask_image=png((200, 121), "L"), width=64)
+    assert rules(case, Outcome("INVALID_ARGUMENT", "width: model serves 64x64 only")) == []
+    assert rules(case, Outcome("INVALID_ARGUMENT", "quality: not like this")) == [
+        "INVALID_ARGUMENT does not name a field that is invalid"
+    ]
+
+
 @pytest.mark.parametrize("fields, named", INVALID_REQUESTS.values(), ids=INVALID_REQUESTS)
 def test_requests_invalid_whatever_else_must_be_refused_naming_why(fields: dict, named: str) -> None:
     case = edge_case(**fields)

@@ -292,8 +292,10 @@ def run_bench(options: BenchOptions, outputs: Outputs = NO_OUTPUTS) -> dict:
     reference, reference_image = bench_diffusers(options, params) if options.reference else (None, None)
     settings = bench_settings(options, params)
     server = served_environment(model)
-    if model.low_memory or options.cuda_options or options.trt_options:
-        server["engine_options"] = {"cuda": _asdict(options.cuda_options), "tensorrt": _asdict(options.trt_options)}
+    # The options of the backend that runs (the others' were given but play no part).
+    used = {"cuda": options.cuda_options, "tensorrt": options.trt_options}.get(model.backend)
+    if used is not None:
+        server["engine_options"] = asdict(used)
     report = new_report(
         "latency", "in-process", server, settings, [in_process_row(results, model, {"kind": "single", "value": 1})]
     )
@@ -323,10 +325,6 @@ def run_bench(options: BenchOptions, outputs: Outputs = NO_OUTPUTS) -> dict:
     for line in outputs.write(report):
         print(line)
     return report
-
-
-def _asdict(options) -> dict | None:
-    return asdict(options) if options is not None else None
 
 
 def bench_low_memory(options: BenchOptions, params: GenerateParams, resident: ServedModel) -> dict:

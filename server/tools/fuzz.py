@@ -1324,7 +1324,9 @@ def image_refusals(request: pb.GenerateRequest, target: Target) -> list[Refusal]
     if images["mask_image"] and not images["init_image"]:
         found.append(refusal("mask_image: without init_image", "mask_image"))
     if init is not None and mask is not None and init[0] != mask[0]:
-        found.append(refusal(f"mask_image: {mask[0]} for an init_image of {init[0]}", "mask_image"))
+        # Checked only at a size the model serves (images are never resized to one it does not).
+        blockers = ("mask_image", "width", "height")
+        found.append(refusal(f"mask_image: {mask[0]} for an init_image of {init[0]}", *blockers))
     if mask is not None and mask[1] not in MASK_MODES:
         # Checked only once the init image decoded, its size is valid and the blur is.
         blockers = ("mask_image", "init_image", "width", "height", "mask_blur")
