@@ -276,3 +276,16 @@ def test_synthetic_models_take_the_load_modes_on_their_export(tiny_export: Path,
     report = load_report(json_path)
     assert report["mode"] == "closed" and report["rows"][0]["ok"] == 4
     assert report["settings"]["steps"] == 2  # the CPU target's own, --steps not given
+
+
+def test_the_synthetic_runs_encode_their_prompt_each_time(tiny_export: Path) -> None:
+    """As diffusers' runs do: a prompt found in the cache would time a lookup against diffusers' encoder."""
+    from diffuserve.server.models import load_model
+    from diffuserve.server.tools.synthetic import SyntheticOptions, bench_ours
+
+    model = load_model(str(tiny_export), backend="cpu")
+    run = bench_ours(model, SyntheticOptions(kind="sd15", steps=2, runs=3), batch=1)
+    stats = model.text_cache.stats()
+    # Prompt and negative prompt, looked up by the warm-up and each run, found by none.
+    assert stats.hits == 0 and stats.misses == 2 * (1 + 3)
+    assert run.row["requests"] == 3
