@@ -315,7 +315,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.synthetic and bench_mode(args) != "latency":
         return cmd_synthetic_load(args, lambda folder_args: bench_served_here(folder_args, outputs))
     if args.synthetic:
-        return cmd_synthetic(args)
+        return cmd_synthetic(args, outputs)
     if args.remote:
         return bench_servers(args, outputs)
     if not args.model:

@@ -226,27 +226,28 @@ def sample_report(backend: str = "cpu", steps: int = 2) -> dict:
     memory = {"rss_start_mb": 900.0, "rss_peak_mb": 1400.0, "rss_added_mb": 500.0, "gpu_added_mb": None}
     return {
         "options": {"kind": "sd15", "steps": steps},
+        "settings": {"steps": steps, "scheduler": "euler", "guidance_scale": 7.5, "runs": 1},
         "environment": {
-            "backend": backend,
-            "target": backend,
-            "precision": "fp32" if backend == "cpu" else "fp16",
-            "providers": ["CPUExecutionProvider"] if backend == "cpu" else ["CUDAExecutionProvider"],
-            "device": "AMD EPYC" if backend == "cpu" else "NVIDIA H200",
-            "sizes": [[512, 512]],
-            "steps": steps,
-            "sampler": "euler",
-            "guidance_scale": 7.5,
-            "runs": 1,
-            "cpu": "AMD EPYC",
-            "cores": 2,
-            "load_average_1m": 2.1,
-            "versions": {"torch": "2.13.0", "diffusers": "0.42.1"},
-            "onnxruntime": {"version": "1.32.0", "path": "/x/onnxruntime", "available_providers": []},
-            "diffusers_pipeline": {
-                "dtype": "float32",
-                "device": "cpu",
-                "attention": "AttnProcessor2_0",
-                "scheduler": "E",
+            "machine": {
+                "cpu": "AMD EPYC",
+                "cores": 2,
+                "load_average_1m": 2.1,
+                "versions": {"torch": "2.13.0", "diffusers": "0.42.1"},
+                "onnxruntime": {"version": "1.32.0", "path": "/x/onnxruntime", "available_providers": []},
+            },
+            "server": {
+                "backend": backend,
+                "target": backend,
+                "precision": "fp32" if backend == "cpu" else "fp16",
+                "providers": ["CPUExecutionProvider"] if backend == "cpu" else ["CUDAExecutionProvider"],
+                "device": "AMD EPYC" if backend == "cpu" else "NVIDIA H200",
+                "sizes": [[512, 512]],
+                "diffusers_pipeline": {
+                    "dtype": "float32",
+                    "device": "cpu",
+                    "attention": "AttnProcessor2_0",
+                    "scheduler": "E",
+                },
             },
         },
         "build": {"parameters": {"unet": 859_520_964}, "bytes": 4.27e9, "reused": True, "description": "SD 1.5"},
@@ -296,8 +297,9 @@ def test_the_json_report_carries_the_environment(tmp_path: Path) -> None:
     report = sample_report()
     report["results"][0]["diffuserve"]["total_ms"] = np.float32(1.5)
     written = json.loads(tool.write_report(report, tmp_path / "r.json").read_text())
-    assert written["environment"]["backend"] == "cpu" and written["environment"]["cpu"] == "AMD EPYC"
-    assert written["environment"]["onnxruntime"]["version"] == "1.32.0"
+    assert written["environment"]["server"]["backend"] == "cpu"
+    assert written["environment"]["machine"]["cpu"] == "AMD EPYC"
+    assert written["environment"]["machine"]["onnxruntime"]["version"] == "1.32.0"
     assert written["results"][0]["diffuserve"]["total_ms"] == 1.5
 
 
@@ -350,9 +352,10 @@ def test_the_environment_names_libraries_and_the_runtime_in_use() -> None:
         },
     )()
     env = tool.environment(model, replace(tool.SyntheticOptions(), steps=3), None)
-    assert env["versions"]["numpy"] == np.__version__
-    assert "CPUExecutionProvider" in env["onnxruntime"]["available_providers"]
-    assert env["steps"] == 3 and env["cores"] >= 1 and env["gpu"] is None
+    host = env["machine"]
+    assert host["versions"]["numpy"] == np.__version__ and host["versions"]["diffusers"]
+    assert "CPUExecutionProvider" in host["onnxruntime"]["available_providers"]
+    assert host["cores"] >= 1 and host["gpu"] is None and env["server"]["backend"] == "cpu"
 
 
 # The CUDA-graph check runs only on a GPU; here the engine is a stand-in (a GPU cannot exist here) around the real

@@ -7,8 +7,7 @@ A report is a dict:
   mode         "latency" (requests one at a time), "closed" (N clients), "open" (Poisson arrivals), "soak",
                "tasks" (each task the model serves, one at a time)
   target       what was measured: "in-process", "server" (with addresses), "synthetic"
-  environment  {"machine": where the bench ran, "server": what served (backend, device, precision, model, ...)};
-               one flat mapping in a synthetic-model report, which runs in-process
+  environment  {"machine": where the bench ran, "server": what served (backend, device, precision, model, ...)}
   settings     the requests: prompt, steps, scheduler, guidance, size, images per request, ...
   rows         one per load point (a single row for latency), each with
                  load: {"kind": "single" | "clients" | "rate" | "minute" | "task" | "batch", "value": a number
@@ -276,8 +275,7 @@ def csv_text(report: Mapping[str, Any]) -> str:
     header += [f"{stage.removesuffix('_ms')}_{stat}_ms" for stage in stages for stat in stats]
     header += ["rss_mb", "gpu_mb", *(key for _, key in CSV_ENVIRONMENT), *CSV_SETTINGS]
     writer.writerow(header)
-    machine, server = environment_parts(report)
-    environment, settings = {"machine": machine, "server": server}, report["settings"]
+    environment, settings = report["environment"], report["settings"]
     for row in report["rows"]:
         line = [report["mode"], row["load"]["kind"], row["load"]["value"], row["requests"], row["ok"]]
         line += [sum(row["errors"].values()), _csv(row["images_per_s"]), _csv(row["mean_batch"])]
@@ -344,16 +342,8 @@ def _number(value: float | None, width: int, digits: int = 1) -> str:
     return f"{'-':>{width}}" if value is None or math.isnan(value) else f"{value:>{width}.{digits}f}"
 
 
-def environment_parts(report: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
-    """(machine, server) of a report; a synthetic-model report has one flat environment (it runs in-process)."""
-    environment = report["environment"]
-    if "machine" in environment and "server" in environment:
-        return environment["machine"], environment["server"]
-    return environment, environment
-
-
 def format_header(report: Mapping[str, Any]) -> str:
-    (host, server), settings = environment_parts(report), report["settings"]
+    server, host, settings = report["environment"]["server"], report["environment"]["machine"], report["settings"]
     where = report["target"] + (f" {', '.join(server['addresses'])}" if server.get("addresses") else "")
     mode = MODE_LABELS.get(report["mode"], report["mode"])
     return (
@@ -494,8 +484,8 @@ VOLATILE = ("machine.load_average_1m", "machine.host")
 
 def environment_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """(key, A's value, B's value) for every setting and environment entry that differs."""
-    left = flatten({"settings": a["settings"], **dict(zip(("machine", "server"), environment_parts(a), strict=True))})
-    right = flatten({"settings": b["settings"], **dict(zip(("machine", "server"), environment_parts(b), strict=True))})
+    left = flatten({"settings": a["settings"], **a["environment"]})
+    right = flatten({"settings": b["settings"], **b["environment"]})
     keys = [k for k in dict.fromkeys([*left, *right]) if k not in VOLATILE]
     return [(k, left.get(k), right.get(k)) for k in keys if left.get(k) != right.get(k)]
 

@@ -12,17 +12,16 @@ import gc
 import logging
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from diffuserve.engine.loader import cpu_name
 from diffuserve.engine.manifest import MODEL_OUTPUT, UNET, Manifest
 from diffuserve.engine.versions import installed_versions
 from diffuserve.v1 import diffusion_pb2 as pb
@@ -36,7 +35,7 @@ from ..resources import gpu_memory_bytes, peak_rss_bytes, reset_peak_rss, rss_by
 from ..schedulers import make_plan
 from .bench import generate_uncached, in_process_row, median_of
 from .load import BENCH_GUIDANCE, BENCH_PROMPT, BENCH_SEED
-from .report import REPORT_SCHEMA, write_json
+from .report import NO_OUTPUTS, REPORT_SCHEMA, Outputs, machine, write_json
 
 log = logging.getLogger(__name__)
 
@@ -419,11 +418,15 @@ def gpu_name(device_id: int) -> str | None:
 
 
 def environment(model: ServedModel, options: SyntheticOptions, reference: Mapping[str, Any] | None) -> dict:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-    return {
+    """The bench report's environment: the machine (as every bench's, with the libraries this one depends on and the
+    onnxruntime actually imported) and what serves in-process."""
+    host = {
+        **machine(),
+        "gpu": gpu_name(options.device_id),
+        "versions": library_versions(),
+        "onnxruntime": onnxruntime_in_use(),
+    }
+    server = {
         "kind": options.kind,
         "model": model.name,
         "backend": model.backend,
@@ -433,23 +436,18 @@ def environment(model: ServedModel, options: SyntheticOptions, reference: Mappin
         "device": model.device,
         "sizes": [list(s) for s in model.sizes],
         "batches": list(model.batch_sizes),
-        "steps": options.steps,
-        "sampler": options.scheduler,
-        "guidance_scale": BENCH_GUIDANCE,
-        "runs": options.runs,
-        "cpu": cpu_name(),
-        "cores": cores,
-        # Other work on the machine slows a CPU run; the figures are only as good as this was low.
-        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "gpu": gpu_name(options.device_id),
         "cuda_options": asdict(options.cuda_options) if options.cuda_options is not None else None,
         "trt_options": asdict(options.trt_options) if options.trt_options is not None else None,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": library_versions(),
-        "onnxruntime": onnxruntime_in_use(),
         "diffusers_pipeline": dict(reference) if reference else None,
     }
+    return {"machine": host, "server": server}
+
+
+def table_environment(report: Mapping[str, Any]) -> dict[str, Any]:
+    """What the tables print, in one mapping: the machine, what served, and the run's settings."""
+    settings, environment = report["settings"], report["environment"]
+    run = {key: settings[key] for key in ("steps", "guidance_scale", "runs")} | {"sampler": settings["scheduler"]}
+    return {**run, **environment["machine"], **environment["server"]}
 
 
 # The whole run.
@@ -532,7 +530,7 @@ def run_synthetic_bench(options: SyntheticOptions, json_path: str | os.PathLike 
             checks.append(check)
         results.append(result)
     reference_memory = results[-1].get("diffusers_memory")
-    env["diffusers_pipeline"] = results[0].get("diffusers_setup")
+    env["server"]["diffusers_pipeline"] = results[0].get("diffusers_setup")
     width, height = native_size(options.kind)
     settings = {
         "prompt": BENCH_PROMPT,
@@ -546,6 +544,7 @@ def run_synthetic_bench(options: SyntheticOptions, json_path: str | os.PathLike 
     }
     report = {
         "schema": REPORT_SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "mode": "latency",
         "target": "synthetic",
         "settings": settings,
@@ -600,7 +599,7 @@ def _ratio(ours: float | None, theirs: float | None) -> str:
 
 
 def format_header(report: Mapping[str, Any]) -> list[str]:
-    env, options, build, exported = report["environment"], report["options"], report["build"], report["export"]
+    env, options, build, exported = table_environment(report), report["options"], report["build"], report["export"]
     params = ", ".join(f"{name} {count / 1e6:.1f}M" for name, count in build.get("parameters", {}).items())
     built = "reused" if build.get("reused") else f"built in {build.get('build_s', 0):.0f} s"
     made = "reused" if exported.get("reused") else f"exported in {exported.get('export_s', 0):.0f} s"
@@ -631,7 +630,7 @@ def format_header(report: Mapping[str, Any]) -> list[str]:
 
 
 def format_batch_table(result: Mapping[str, Any], report: Mapping[str, Any]) -> list[str]:
-    env = report["environment"]
+    env = table_environment(report)
     ours, theirs = result["diffuserve"], result.get("diffusers")
     width, height = env["sizes"][0]
     lines = [
@@ -676,7 +675,7 @@ def format_memory(report: Mapping[str, Any]) -> list[str]:
 
 
 def format_anchors(report: Mapping[str, Any]) -> list[str]:
-    env, options = report["environment"], report["options"]
+    env, options = table_environment(report), report["options"]
     mine = next((r for r in report["results"] if r["batch"] == ANCHOR_BATCH), None)
     if options["kind"] != ANCHOR_KIND or mine is None:
         return [f"(the published anchors are for SD 1.5 at batch {ANCHOR_BATCH}; none is shown for this run)"]
@@ -845,7 +844,7 @@ def cmd_synthetic_load(args: argparse.Namespace, bench_folder: Callable[[argpars
     return bench_folder(argparse.Namespace(**{**vars(args), **folder_args}))
 
 
-def cmd_synthetic(args: argparse.Namespace) -> int:
+def cmd_synthetic(args: argparse.Namespace, outputs: Outputs = NO_OUTPUTS) -> int:
     from diffuserve.engine.ort import BackendUnavailableError
     from diffuserve.export.exporter import ExportError
     from diffuserve.export.parity import ParityError
@@ -859,8 +858,10 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
         return 2
     try:
         options = options_from_args(args)
-        report = run_synthetic_bench(options, json_path=args.json)
+        report = run_synthetic_bench(options)
     except (SyntheticBenchError, ExportError, ParityError, BackendUnavailableError, ValueError) as e:
         print(f"bench --synthetic failed: {e}", file=sys.stderr)  # noqa: T201
         return 1
+    for line in outputs.write(report):
+        emit(line)
     return 0 if checks_passed(report) else 1
