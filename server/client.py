@@ -19,6 +19,13 @@ from .params import format_enum, noise_mode_enum, scheduler_enum
 from .security import channel_credentials
 
 FILE_SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp"}
+# float32 on the wire holds about 7 significant digits.
+FLOAT32_DIGITS = 7
+
+
+def float32_decimal(value: float) -> float:
+    """A float32 field as the decimal it was written as (7.5, 3.3), not its binary expansion (3.299999952316284)."""
+    return float(f"{value:.{FLOAT32_DIGITS}g}")
 
 
 @dataclass(frozen=True)
@@ -215,6 +222,12 @@ def stream_generate(
     raise RuntimeError("the stream ended without a completed event")
 
 
+def bar(share: float, width: int) -> str:
+    """[####......]: `share` (0..1) of `width` filled."""
+    filled = int(width * min(1.0, max(0.0, share)))
+    return f"[{'#' * filled}{'.' * (width - filled)}]"
+
+
 class ProgressBar:
     """A one-line progress display on stderr, fed with stream events."""
 
@@ -226,10 +239,7 @@ class ProgressBar:
             line = f"queued: {event.queued.position} ahead"
         elif kind == "progress":
             p = event.progress
-            filled = self.WIDTH * p.step // max(1, p.total)
-            line = (
-                f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] step {p.step}/{p.total}, {p.eta_ms / 1e3:.1f} s left"
-            )
+            line = f"{bar(p.step / max(1, p.total), self.WIDTH)} step {p.step}/{p.total}, {p.eta_ms / 1e3:.1f} s left"
         elif kind == "completed":
             line = "done\n"
         else:

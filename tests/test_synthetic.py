@@ -38,6 +38,7 @@ from diffuserve.export.synthetic import (
 from diffuserve.server.cli import add_backend_arguments
 from diffuserve.server.tokenizer import ClipTokenizer
 from diffuserve.server.tools import synthetic as tool
+from diffuserve.server.tools.report import write_json
 
 COMMITTED_TOKENIZER = Path(__file__).resolve().parent.parent / "models" / "shapes-sd" / "tokenizer"
 
@@ -296,7 +297,8 @@ def test_a_gpu_run_at_full_steps_has_no_cpu_warning() -> None:
 def test_the_json_report_carries_the_environment(tmp_path: Path) -> None:
     report = sample_report()
     report["results"][0]["diffuserve"]["total_ms"] = np.float32(1.5)
-    written = json.loads(tool.write_report(report, tmp_path / "r.json").read_text())
+    write_json(report, tmp_path / "r.json")
+    written = json.loads((tmp_path / "r.json").read_text())
     assert written["environment"]["server"]["backend"] == "cpu"
     assert written["environment"]["machine"]["cpu"] == "AMD EPYC"
     assert written["environment"]["machine"]["onnxruntime"]["version"] == "1.32.0"

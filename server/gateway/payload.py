@@ -19,7 +19,7 @@ from google.protobuf.json_format import MessageToDict
 
 from diffuserve.v1 import diffusion_pb2 as pb
 
-from ..client import ClientRequest
+from ..client import ClientRequest, float32_decimal
 from ..noise import NOISE_MODES
 from ..params import IMAGE_FORMATS, QUOTE_CHARS, noise_mode_name, scheduler_name
 
@@ -148,11 +148,6 @@ def generate_request(body: Mapping[str, Any]) -> pb.GenerateRequest:
     return request
 
 
-def float32_text(value: float) -> float:
-    """A float32 as the decimal it was written as (7 significant digits), not its binary expansion (3.2999999)."""
-    return float(f"{value:.7g}")
-
-
 def image_json(image: pb.Image) -> dict[str, Any]:
     return {
         "index": image.index,
@@ -175,7 +170,7 @@ def model_json(model: pb.ModelInfo) -> dict[str, Any]:
         "schedulers": [scheduler_name(s) for s in model.schedulers],
         "default_scheduler": scheduler_name(model.default_scheduler),
         "default_steps": model.default_steps,
-        "default_guidance_scale": float32_text(model.default_guidance_scale),
+        "default_guidance_scale": float32_decimal(model.default_guidance_scale),
         "max_steps": model.max_steps,
         "max_images": model.max_images,
         "max_prompt_tokens": model.max_prompt_tokens,
@@ -198,7 +193,7 @@ def completed_json(
         "prompt": request.prompt,
         "negative_prompt": request.negative_prompt,
         "steps": response.steps,
-        "guidance_scale": float32_text(response.guidance_scale),
+        "guidance_scale": float32_decimal(response.guidance_scale),
         "scheduler": scheduler_name(response.scheduler),
         "noise_mode": noise_mode_name(response.noise_mode),
         "seeds": [image.seed for image in images],

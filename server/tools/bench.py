@@ -6,13 +6,11 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 
-import grpc
 import numpy as np
 
 from diffuserve.v1 import diffusion_pb2 as pb
 from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
-from ..app import CHANNEL_OPTIONS, BackgroundServer, ServerConfig
 from ..families import condition
 from ..images import encode_image
 from ..models import ServedModel, load_model
@@ -21,7 +19,7 @@ from ..params import GenerateParams, scheduler_enum, validate
 from ..pipeline import MemberInputs, Solo, StageTimes, UNetRows, generate, to_uint8
 from ..resources import rss_bytes
 from ..schedulers import INITIAL_STATE, get_sampler, make_plan
-from .load import BENCH_GUIDANCE, BENCH_PROMPT, BENCH_SEED
+from .load import BENCH_GUIDANCE, BENCH_PROMPT, BENCH_SEED, served_here
 from .report import (
     NO_OUTPUTS,
     Outputs,
@@ -268,18 +266,21 @@ def served_environment(model: ServedModel) -> dict:
     }
 
 
-def bench_settings(options: BenchOptions, params: GenerateParams) -> dict:
-    return {
+def bench_settings(
+    steps: int, scheduler: str, size: tuple[int, int], runs: int, images_per_request=1, noise_mode: str | None = None
+) -> dict:
+    """The settings of an in-process bench's requests, for its report."""
+    width, height = size
+    settings = {
         "prompt": BENCH_PROMPT,
-        "steps": options.steps,
-        "scheduler": options.scheduler,
+        "steps": steps,
+        "scheduler": scheduler,
         "guidance_scale": BENCH_GUIDANCE,
-        "width": params.width,
-        "height": params.height,
-        "images_per_request": 1,
-        "noise_mode": params.noise_mode,
-        "runs": options.runs,
+        "width": width,
+        "height": height,
+        "images_per_request": images_per_request,
     }
+    return settings | ({"noise_mode": noise_mode} if noise_mode else {}) | {"runs": runs}
 
 
 def run_bench(options: BenchOptions, outputs: Outputs = NO_OUTPUTS) -> dict:
@@ -290,7 +291,9 @@ def run_bench(options: BenchOptions, outputs: Outputs = NO_OUTPUTS) -> dict:
         generate(model, params).times.text_encoder_ms for _ in range(options.runs)
     )
     reference, reference_image = bench_diffusers(options, params) if options.reference else (None, None)
-    settings = bench_settings(options, params)
+    settings = bench_settings(
+        options.steps, options.scheduler, params.size, options.runs, noise_mode=params.noise_mode
+    )
     server = served_environment(model)
     # The options of the backend that runs (the others' were given but play no part).
     used = {"cuda": options.cuda_options, "tensorrt": options.trt_options}.get(model.backend)
@@ -362,10 +365,9 @@ def grpc_overhead(model: ServedModel, steps: int, runs: int = 15) -> dict[str, f
     """The same single request in-process and over a loopback channel, interleaved so drift hits both alike."""
     request = pb.GenerateRequest(prompt=BENCH_PROMPT, steps=steps, seeds=[BENCH_SEED])
     params = validate(request, {model.name: model}, model.name)
-    config = ServerConfig(model_dirs=(), host="127.0.0.1", port=0)
     local, remote = [], []
-    with BackgroundServer(config, {model.name: model}) as server:
-        with grpc.insecure_channel(server.address, options=CHANNEL_OPTIONS) as channel:
+    with served_here(model) as link:
+        with link.channel() as channel:
             stub = pb_grpc.DiffusionServiceStub(channel)
             stub.Generate(request)  # warm-up of both paths
             for _ in range(runs):
@@ -432,7 +434,8 @@ def run_task_bench(options: BenchOptions, outputs: Outputs = NO_OUTPUTS) -> dict
         for name, results in runs.items()
     }
     rows = [in_process_row(results, model, {"kind": "task", "value": name}) for name, results in runs.items()]
-    settings = bench_settings(options, next(iter(requests.values())))
+    first = next(iter(requests.values()))
+    settings = bench_settings(options.steps, options.scheduler, first.size, options.runs, noise_mode=first.noise_mode)
     report = new_report("tasks", "in-process", served_environment(model), settings, rows, tasks=table)
     print(format_header(report))
     print(f"each task, median of {options.runs} interleaved runs (ms)")

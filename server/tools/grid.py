@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from diffuserve.v1 import diffusion_pb2 as pb
 from diffuserve.v1 import diffusion_pb2_grpc as pb_grpc
 
-from ..client import ClientRequest, Connection
+from ..client import ClientRequest, Connection, float32_decimal
 from ..params import RANDOM_SEED_BITS, noise_mode_name, scheduler_name
 from ..schedulers import SAMPLERS
 
@@ -44,8 +44,6 @@ MAX_CELLS = 256
 FRAME_COLOUR = (200, 200, 200)
 # uint64 on the wire.
 MAX_SEED = 2**64 - 1
-# float32 on the wire holds about 7 significant digits: a response's guidance read back as the decimal sent.
-FLOAT32_DIGITS = 7
 
 
 class GridError(RuntimeError):
@@ -370,7 +368,7 @@ def caption(spec: GridSpec, axes: GridAxes, first: pb.GenerateResponse, scale: i
     if "steps" not in varied:
         fixed.append(f"{first.steps} steps")
     if "guidance" not in varied:
-        fixed.append(f"guidance {read_float32(first.guidance_scale):g}")
+        fixed.append(f"guidance {float32_decimal(first.guidance_scale):g}")
     if "seed" not in varied:
         fixed.append(f"seed {image.seed}")
     fixed.append(f"noise {noise_mode_name(first.noise_mode)}")
@@ -378,10 +376,6 @@ def caption(spec: GridSpec, axes: GridAxes, first: pb.GenerateResponse, scale: i
     if spec.negative_prompt:
         lines.append(f"negative: {spec.negative_prompt}")
     return [*lines, " · ".join(fixed)]
-
-
-def read_float32(value: float) -> float:
-    return float(f"{value:.{FLOAT32_DIGITS}g}")
 
 
 def cell_scale(size: tuple[int, int], style: SheetStyle) -> int:
@@ -512,7 +506,7 @@ def cell_entry(result: CellResult, name: str, box: tuple[int, int, int, int]) ->
             "width": image.width,
             "height": image.height,
             "steps": response.steps,
-            "guidance_scale": read_float32(response.guidance_scale),
+            "guidance_scale": float32_decimal(response.guidance_scale),
             "scheduler": scheduler_name(response.scheduler),
             "noise_mode": noise_mode_name(response.noise_mode),
             "seed": image.seed,

@@ -3,6 +3,7 @@ at a fixed rate, sweeps over either, and a soak; against running servers, or a m
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -195,27 +196,37 @@ def latency_rows(caller: Caller, plan: LoadPlan, progress: ProgressBar) -> list[
     return [summarise(samples, time.perf_counter() - start, {"kind": "single", "value": 1}, caller.memory())]
 
 
-def closed_loop(caller: Caller, clients: int, requests: int, progress: ProgressBar) -> tuple[list[Sample], float]:
-    """`clients` callers, each sending its next request when the last is answered, until `requests` are."""
-    counter = iter(range(requests))
+def run_clients(caller: Caller, clients: int, next_index: Callable[[], int | None], answered) -> None:
+    """`clients` callers, each sending its next request (numbered by next_index, None: stop) when the last is
+    answered; every answer goes to `answered`, under one lock."""
     lock = threading.Lock()
-    samples: list[Sample] = []
 
     def client() -> None:
         while True:
             with lock:
-                index = next(counter, None)
+                index = next_index()
             if index is None:
                 return
             sample = caller.call(index)
             with lock:
-                samples.append(sample)
-                progress.advance()
+                answered(sample)
 
-    start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         for _ in range(clients):
             pool.submit(client)
+
+
+def closed_loop(caller: Caller, clients: int, requests: int, progress: ProgressBar) -> tuple[list[Sample], float]:
+    """`clients` callers, each sending its next request when the last is answered, until `requests` are."""
+    counter = iter(range(requests))
+    samples: list[Sample] = []
+
+    def answered(sample: Sample) -> None:
+        samples.append(sample)
+        progress.advance()
+
+    start = time.perf_counter()
+    run_clients(caller, clients, lambda: next(counter, None), answered)
     return samples, time.perf_counter() - start
 
 
@@ -276,33 +287,26 @@ def sweep_rows(caller: Caller, plan: LoadPlan, progress: ProgressBar) -> list[di
 def soak_rows(caller: Caller, plan: LoadPlan, progress: ProgressBar) -> list[dict]:
     """A closed loop at concurrency[0] clients for soak_s seconds; a row per window, with the server's memory at the
     window's end, so a leak or a slowdown over time shows as a trend."""
-    clients = plan.concurrency[0]
     windows = max(1, round(plan.soak_s / plan.window_s))
     stop = threading.Event()
     samples: list[Sample] = []
-    lock = threading.Lock()
-    counter = iter(range(2**62))
-
-    def client() -> None:
-        while not stop.is_set():
-            with lock:
-                index = next(counter)
-            sample = caller.call(index)
-            with lock:
-                samples.append(sample)
-
+    counter = itertools.count()
     memory = []
     caller.t0 = start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        for _ in range(clients):
-            pool.submit(client)
-        for window in range(1, windows + 1):
-            # Sleep to the window's end in short steps, so the bar moves.
-            while (left := start + window * plan.window_s - time.perf_counter()) > 0:
-                time.sleep(min(left, 1.0))
-                progress.update(time.perf_counter() - start)
-            memory.append(caller.memory())
-        stop.set()
+
+    def next_index() -> int | None:
+        return None if stop.is_set() else next(counter)
+
+    clients = threading.Thread(target=run_clients, args=(caller, plan.concurrency[0], next_index, samples.append))
+    clients.start()
+    for window in range(1, windows + 1):
+        # Sleep to the window's end in short steps, so the bar moves.
+        while (left := start + window * plan.window_s - time.perf_counter()) > 0:
+            time.sleep(min(left, 1.0))
+            progress.update(time.perf_counter() - start)
+        memory.append(caller.memory())
+    stop.set()
+    clients.join()
     rows = []
     for window in range(windows):
         begin, end = window * plan.window_s, (window + 1) * plan.window_s
@@ -360,8 +364,8 @@ def plan_settings(plan: LoadPlan) -> dict[str, Any]:
 
 
 @contextmanager
-def served_here(model: ServedModel, worker: WorkerConfig) -> Iterator[Connection]:
-    config = ServerConfig(model_dirs=(), host="127.0.0.1", port=0, worker=worker)
+def served_here(model: ServedModel, worker: WorkerConfig | None = None) -> Iterator[Connection]:
+    config = ServerConfig(model_dirs=(), host="127.0.0.1", port=0, worker=worker or WorkerConfig())
     with BackgroundServer(config, {model.name: model}) as server:
         yield Connection((server.address,))
 

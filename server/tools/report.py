@@ -40,6 +40,8 @@ import numpy as np
 from diffuserve.engine.loader import cpu_name
 from diffuserve.engine.versions import installed_versions
 
+from ..client import bar
+
 REPORT_SCHEMA = "diffuserve-bench/1"
 PERCENTILES = (50, 90, 99)
 
@@ -103,8 +105,12 @@ LIBRARIES = (
     "tensorrt-cu13",
     "grpcio",
     "protobuf",
+    "onnx",
     "torch",
     "diffusers",
+    "transformers",
+    "safetensors",
+    "tokenizers",
 )
 
 
@@ -180,8 +186,8 @@ def summarise(
     }
 
 
-def machine() -> dict[str, Any]:
-    """Where the bench ran: CPU, cores, GPU, Python, OS and the libraries that change the figures."""
+def machine(device_id: int = 0) -> dict[str, Any]:
+    """Where the bench ran: CPU, cores, the GPU (device_id's), Python, OS and the libraries that change the figures."""
     from diffuserve.engine.nvml import gpu_name
 
     try:
@@ -194,7 +200,7 @@ def machine() -> dict[str, Any]:
         "cores": cores,
         # Other work on the machine slows a CPU run; the figures are only as good as this was low.
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "gpu": gpu_name(0),
+        "gpu": gpu_name(device_id),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "versions": installed_versions(LIBRARIES),
@@ -207,14 +213,16 @@ def new_report(
     server: Mapping[str, Any],
     settings: Mapping[str, Any],
     rows: Sequence[Mapping[str, Any]],
+    host: Mapping[str, Any] | None = None,
     **extras: Any,
 ) -> dict[str, Any]:
+    """A report; `host` is the bench machine's environment when the caller adds to it (else machine())."""
     return {
         "schema": REPORT_SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "mode": mode,
         "target": target,
-        "environment": {"machine": machine(), "server": dict(server)},
+        "environment": {"machine": dict(host or machine()), "server": dict(server)},
         "settings": dict(settings),
         "rows": list(rows),
         **extras,
@@ -566,12 +574,11 @@ class ProgressBar:
 
     def line(self) -> str:
         share = min(1.0, self.done / self.total) if self.total else 1.0
-        filled = round(self.WIDTH * share)
         elapsed = time.perf_counter() - self.start
         left = elapsed / share - elapsed if share > 0 else float("nan")
         eta = f", {left:.0f} s left" if share < 1 and not math.isnan(left) else ""
         count = f"{self.done:.0f}/{self.total:.0f} {self.unit}"
-        return f"{self.label} [{'#' * filled}{'.' * (self.WIDTH - filled)}] {count}, {elapsed:.0f} s{eta}"
+        return f"{self.label} {bar(share, self.WIDTH)} {count}, {elapsed:.0f} s{eta}"
 
     def close(self) -> None:
         if self.shown:

@@ -198,11 +198,11 @@ def run_fuzz_on_model(model_dir: str, count: int, seed: int = 0, json_path: str 
     """`diffuserve bench MODEL --fuzz N`: the model served on loopback with small limits, fuzzed; True if the
     contract held for every case."""
     from .fuzz import run_fuzz
+    from .load import served_here
 
     model = load_model(model_dir, backend="cpu")
     limits = replace(model.defaults, max_steps=FUZZ_MAX_STEPS, max_images=FUZZ_MAX_IMAGES)
-    config = ServerConfig(model_dirs=(), host="127.0.0.1", port=0)
-    with BackgroundServer(config, {model.name: replace(model, defaults=limits)}) as server:
-        report = run_fuzz(server.address, count, seed)
+    with served_here(replace(model, defaults=limits)) as link:
+        report = run_fuzz(link, count, seed)
     heading = f"model {model.name}, max_steps {FUZZ_MAX_STEPS}, max_images {FUZZ_MAX_IMAGES}, seed {seed}:"
     return tell_fuzz(report, heading, json_path)

@@ -16,14 +16,12 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from diffuserve.engine.manifest import MODEL_OUTPUT, UNET, Manifest
-from diffuserve.engine.versions import installed_versions
 from diffuserve.v1 import diffusion_pb2 as pb
 
 from ..images import encode_image
@@ -33,9 +31,9 @@ from ..params import GenerateParams, scheduler_enum, validate
 from ..pipeline import StageTimes, generate, to_uint8
 from ..resources import gpu_memory_bytes, peak_rss_bytes, reset_peak_rss, rss_bytes
 from ..schedulers import make_plan
-from .bench import generate_uncached, in_process_row, median_of
+from .bench import bench_settings, generate_uncached, in_process_row, median_of
 from .load import BENCH_GUIDANCE, BENCH_PROMPT, BENCH_SEED
-from .report import NO_OUTPUTS, REPORT_SCHEMA, Outputs, machine, write_json
+from .report import NO_OUTPUTS, Outputs, machine, new_report
 
 log = logging.getLogger(__name__)
 
@@ -383,22 +381,6 @@ def cuda_graph_check(model: ServedModel, batch: int) -> dict[str, Any]:
 # The environment a figure belongs to.
 
 
-def library_versions() -> dict[str, str]:
-    names = (
-        "diffuserve",
-        "numpy",
-        "onnx",
-        "onnxruntime",
-        "onnxruntime-gpu",
-        "torch",
-        "diffusers",
-        "transformers",
-        "safetensors",
-        "tokenizers",
-    )
-    return installed_versions(names)
-
-
 def onnxruntime_in_use() -> dict[str, Any]:
     """The onnxruntime actually imported: with onnxruntime and onnxruntime-gpu both installed in different
     folders, package metadata names both, and only the module says which one runs."""
@@ -411,21 +393,10 @@ def onnxruntime_in_use() -> dict[str, Any]:
     }
 
 
-def gpu_name(device_id: int) -> str | None:
-    from diffuserve.engine.nvml import gpu_name as nvml_gpu_name
-
-    return nvml_gpu_name(device_id)
-
-
 def environment(model: ServedModel, options: SyntheticOptions, reference: Mapping[str, Any] | None) -> dict:
-    """The bench report's environment: the machine (as every bench's, with the libraries this one depends on and the
-    onnxruntime actually imported) and what serves in-process."""
-    host = {
-        **machine(),
-        "gpu": gpu_name(options.device_id),
-        "versions": library_versions(),
-        "onnxruntime": onnxruntime_in_use(),
-    }
+    """The bench report's environment: the machine (as every bench's, with the onnxruntime actually imported) and
+    what serves in-process."""
+    host = {**machine(options.device_id), "onnxruntime": onnxruntime_in_use()}
     server = {
         "kind": options.kind,
         "model": model.name,
@@ -513,9 +484,9 @@ def compare_with_diffusers(options: SyntheticOptions, ours: OurRun) -> tuple[dic
     return result, check
 
 
-def run_synthetic_bench(options: SyntheticOptions, json_path: str | os.PathLike | None = None) -> dict:
+def run_synthetic_bench(options: SyntheticOptions) -> dict:
     """Builds (or reuses) the synthetic model, exports it for the target, times our pipeline and then diffusers' on
-    it per batch size, prints the tables and returns (and optionally writes) the results with their environment."""
+    it per batch size, prints the tables and returns the results with their environment."""
     preflight(options)
     build = prepare_source(options)
     exported = prepare_export(options, options.source_dir)
@@ -531,43 +502,27 @@ def run_synthetic_bench(options: SyntheticOptions, json_path: str | os.PathLike 
         results.append(result)
     reference_memory = results[-1].get("diffusers_memory")
     env["server"]["diffusers_pipeline"] = results[0].get("diffusers_setup")
-    width, height = native_size(options.kind)
-    settings = {
-        "prompt": BENCH_PROMPT,
-        "steps": options.steps,
-        "scheduler": options.scheduler,
-        "guidance_scale": BENCH_GUIDANCE,
-        "width": width,
-        "height": height,
-        "images_per_request": list(options.batches),
-        "runs": options.runs,
-    }
-    report = {
-        "schema": REPORT_SCHEMA,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "mode": "latency",
-        "target": "synthetic",
-        "settings": settings,
-        "rows": [run.row for run in ours.values()],
-        "options": asdict(options),
-        "environment": env,
-        "build": build,
-        "export": exported,
+    settings = bench_settings(
+        options.steps, options.scheduler, native_size(options.kind), options.runs, list(options.batches)
+    )
+    report = new_report(
+        "latency",
+        "synthetic",
+        env["server"],
+        settings,
+        [run.row for run in ours.values()],
+        host=env["machine"],
+        options=asdict(options),
+        build=build,
+        export=exported,
         # Ours: load and every batch size; diffusers: load and its largest batch (it loads anew per batch).
-        "memory": {"diffuserve": our_memory, "diffusers": reference_memory},
-        "results": results,
-        "anchors": [asdict(a) for a in ANCHORS],
-        "checks": checks,
-    }
+        memory={"diffuserve": our_memory, "diffusers": reference_memory},
+        results=results,
+        anchors=[asdict(a) for a in ANCHORS],
+        checks=checks,
+    )
     emit(format_report(report))
-    if json_path:
-        write_report(report, Path(json_path))
     return report
-
-
-def write_report(report: Mapping[str, Any], path: Path) -> Path:
-    write_json(report, path)
-    return path
 
 
 # Formatting (pure: the report dict in, text out).
